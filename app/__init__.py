@@ -1,0 +1,1 @@
+"""An LLM-aware, OpenAI-compatible inference gateway on Ray Serve."""

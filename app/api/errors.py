@@ -1,0 +1,66 @@
+"""OpenAI-style errors: one exception type that knows its HTTP status and JSON body.
+
+Raised anywhere below the HTTP layer; the HTTP layer renders it, and Serve handle callers catch
+it by type (it pickles across processes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_DEFAULT_TYPES = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    499: "client_closed_request",
+    500: "internal_server_error",
+    503: "service_unavailable",
+}
+
+
+class APIError(Exception):
+    """An error the client can act on, with the status code and body OpenAI would send."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        type: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.type = type or _DEFAULT_TYPES.get(status_code, "api_error")
+        self.param = param
+        self.code = code
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        kwargs = {
+            "type": self.type,
+            "param": self.param,
+            "code": self.code,
+            "retry_after_s": self.retry_after_s,
+        }
+        return (_rebuild, (self.status_code, self.message, kwargs))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after_s is None:
+            return {}
+        return {"Retry-After": str(max(1, round(self.retry_after_s)))}
+
+
+def _rebuild(status_code: int, message: str, kwargs: dict[str, Any]) -> APIError:
+    return APIError(status_code, message, **kwargs)
+
+
+def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)

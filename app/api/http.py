@@ -1,0 +1,131 @@
+"""The HTTP face of the OpenAI API: bodies in, JSON or server-sent events out, errors as OpenAI sends them.
+
+Handlers take a Starlette request and return a response, so the Serve ingress (routes declared on
+its class) and the standalone simulator server (a plain FastAPI app) share them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.api.errors import APIError, bad_request
+from app.api.serving import Endpoint, OpenAIServing
+
+logger = logging.getLogger(__name__)
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.to_dict(), status_code=error.status_code, headers=error.headers())
+
+
+class OpenAIHTTP:
+    """HTTP handlers over an OpenAIServing."""
+
+    def __init__(self, serving: OpenAIServing, *, max_body_bytes: int) -> None:
+        self.serving = serving
+        self.max_body_bytes = max_body_bytes
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate("chat", request)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate("completions", request)
+
+    def models(self) -> JSONResponse:
+        return JSONResponse(self.serving.list_models().model_dump())
+
+    def metrics(self) -> Response:
+        return Response(self.serving.metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)
+
+    async def _generate(self, endpoint: Endpoint, request: Request) -> Response:
+        try:
+            body = await self._read_json(request)
+            if isinstance(body, dict) and body.get("stream") is True:
+                return await self._stream(endpoint, body)
+            response = await self.serving.create(endpoint, body)
+            return Response(response.model_dump_json(), media_type="application/json")
+        except APIError as error:
+            return error_response(error)
+
+    async def _stream(self, endpoint: Endpoint, body: dict) -> Response:
+        chunks = self.serving.stream(endpoint, body)
+        # Wait for the first chunk so that errors found before generation starts (validation,
+        # unknown model, overload) get a real status code rather than a 200 with an error event.
+        try:
+            first = await anext(chunks)
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            await chunks.aclose()
+            raise
+        return StreamingResponse(_sse(first, chunks), media_type="text/event-stream", headers=SSE_HEADERS)
+
+    async def _read_json(self, request: Request) -> object:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise _too_large(self.max_body_bytes)
+        body = bytearray()
+        async for piece in request.stream():
+            body += piece
+            if len(body) > self.max_body_bytes:
+                raise _too_large(self.max_body_bytes)
+        if not body:
+            raise bad_request("the request body is empty; send a JSON object")
+        try:
+            return json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise bad_request(f"the request body is not valid JSON: {error}") from None
+
+
+async def _sse(first: BaseModel | None, chunks: AsyncIterator[BaseModel]) -> AsyncIterator[bytes]:
+    async with contextlib.aclosing(chunks):
+        try:
+            if first is not None:
+                yield _event(first.model_dump_json())
+            async for chunk in chunks:
+                yield _event(chunk.model_dump_json())
+        except APIError as error:
+            # Headers are gone already: report in-band, as OpenAI and vLLM do.
+            yield _event(json.dumps(error.to_dict()))
+    yield b"data: [DONE]\n\n"
+
+
+def _event(data: str) -> bytes:
+    return b"data: " + data.encode() + b"\n\n"
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(
+        413, f"The request body exceeds the gateway's limit of {limit} bytes.", code="request_too_large"
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Make every error FastAPI itself raises (unknown route, wrong method, ...) OpenAI-shaped."""
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(APIError(exc.status_code, str(exc.detail)))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(part) for part in first["loc"])
+        return error_response(bad_request(f"{where}: {first['msg']}" if where else first["msg"], param=where or None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error", exc_info=exc)
+        return error_response(APIError(500, "The gateway failed to serve this request; see its logs."))

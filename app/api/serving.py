@@ -1,0 +1,409 @@
+"""Turns OpenAI requests into engine requests and engine outputs into OpenAI responses.
+
+Validation, model resolution, admission and tokenization happen once, here, before any engine is
+called; every failure is an APIError with the status a client can act on. Knows nothing of HTTP
+or Ray: the Serve ingress, the handle API and the standalone simulator server all call into this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ValidationError
+
+from app.api.errors import APIError, bad_request
+from app.api.metrics import GatewayMetrics
+from app.api.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatMessage,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    PromptTokensDetails,
+    Usage,
+)
+from app.engines.protocol import EngineOutput, EngineRequest, EngineRequestRejected, SamplingParams
+from app.router.admission import InflightLimit
+from app.router.hashing import block_hashes
+from app.router.models import ModelEntry, ModelRegistry, UnknownModelError
+from app.tokenizer import PromptTokenizer, TemplateError
+
+logger = logging.getLogger(__name__)
+
+Endpoint = Literal["chat", "completions"]
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/completions
+
+
+class EngineClient(Protocol):
+    """Where a model's requests go: an engine in-process, or a Serve handle to engine replicas."""
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]: ...
+
+
+@dataclass
+class ServedModel:
+    name: str
+    tokenizer: PromptTokenizer
+    engine: EngineClient
+    max_model_len: int
+    block_size: int
+    hash_seed: int = 0
+    aliases: tuple[str, ...] = ()
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+@dataclass
+class _Prepared:
+    endpoint: Endpoint
+    model: ServedModel
+    engine_request: EngineRequest
+    include_usage: bool
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def request_id(self) -> str:
+        return self.engine_request.request_id
+
+
+@dataclass
+class _Result:
+    text: str = ""
+    num_output_tokens: int = 0
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    finish_reason: str | None = None
+
+    def add(self, output: EngineOutput) -> None:
+        self.text += output.text
+        self.num_output_tokens += len(output.token_ids)
+        self.num_prompt_tokens = output.num_prompt_tokens or self.num_prompt_tokens
+        self.num_cached_tokens = output.num_cached_tokens or self.num_cached_tokens
+        self.finish_reason = output.finish_reason
+
+    def usage(self, num_prompt_tokens: int) -> Usage:
+        return Usage(
+            prompt_tokens=num_prompt_tokens,
+            completion_tokens=self.num_output_tokens,
+            total_tokens=num_prompt_tokens + self.num_output_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=self.num_cached_tokens),
+        )
+
+
+class OpenAIServing:
+    """The OpenAI API over a set of served models."""
+
+    def __init__(
+        self,
+        models: Sequence[ServedModel],
+        *,
+        metrics: GatewayMetrics | None = None,
+        max_inflight_requests: int | None = None,
+        retry_after_s: float = 1.0,
+    ) -> None:
+        self._models = {model.name: model for model in models}
+        self._registry = ModelRegistry(ModelEntry(m.name, m.aliases) for m in models)
+        self.metrics = metrics or GatewayMetrics()
+        self._admission = InflightLimit(max_inflight_requests)
+        self._retry_after_s = retry_after_s
+
+    # -- public API ----------------------------------------------------------------------------
+
+    def list_models(self) -> ModelList:
+        return ModelList(
+            data=[
+                ModelCard(id=m.name, created=m.created, max_model_len=m.max_model_len, aliases=list(m.aliases))
+                for m in self._models.values()
+            ]
+        )
+
+    async def create(self, endpoint: Endpoint, body: Any) -> ChatCompletionResponse | CompletionResponse:
+        """A whole (non-streaming) response."""
+        prepared = self._prepare_counted(endpoint, body)
+        result = _Result()
+        async with self._serve(prepared) as outputs:
+            async for output in outputs:
+                result.add(output)
+        usage = result.usage(len(prepared.engine_request.prompt_token_ids))
+        if endpoint == "chat":
+            return ChatCompletionResponse(
+                id=prepared.request_id,
+                created=prepared.created,
+                model=prepared.model.name,
+                choices=[ChatChoice(message=AssistantMessage(content=result.text),
+                                    finish_reason=result.finish_reason)],
+                usage=usage,
+            )
+        return CompletionResponse(
+            id=prepared.request_id,
+            created=prepared.created,
+            model=prepared.model.name,
+            choices=[CompletionChoice(text=result.text, finish_reason=result.finish_reason)],
+            usage=usage,
+        )
+
+    async def stream(self, endpoint: Endpoint, body: Any) -> AsyncIterator[BaseModel]:
+        """Streamed chunks exactly as OpenAI sends them (the caller adds the SSE framing).
+
+        Validation errors are raised before the first chunk, so an HTTP caller that waits for the
+        first chunk can still answer with a proper error status.
+        """
+        prepared = self._prepare_counted(endpoint, body)
+        chunks = _ChunkFactory(prepared)
+        result = _Result()
+        async with self._serve(prepared) as outputs:
+            if endpoint == "chat":
+                yield chunks.chat(ChatDelta(role="assistant", content=""))
+            async for output in outputs:
+                result.add(output)
+                if output.text or output.finished:
+                    yield chunks.piece(output.text, None)
+                if output.finished:
+                    yield chunks.piece(None, output.finish_reason)
+        if prepared.include_usage:
+            yield chunks.usage(result.usage(len(prepared.engine_request.prompt_token_ids)))
+
+    # -- preparing a request -------------------------------------------------------------------
+
+    def _prepare_counted(self, endpoint: Endpoint, body: Any) -> _Prepared:
+        try:
+            return self._prepare(endpoint, body)
+        except APIError as error:
+            requested = body.get("model") if isinstance(body, dict) else None
+            label = requested if isinstance(requested, str) and requested in self._models else "unknown"
+            self.metrics.requests.labels(label, endpoint, str(error.status_code)).inc()
+            raise
+
+    def _prepare(self, endpoint: Endpoint, body: Any) -> _Prepared:
+        request_type = ChatCompletionRequest if endpoint == "chat" else CompletionRequest
+        try:
+            request = request_type.model_validate(body)
+        except ValidationError as error:
+            raise _validation_error(error) from None
+        model = self._resolve(request.model)
+        if endpoint == "chat":
+            assert isinstance(request, ChatCompletionRequest)
+            _reject_unsupported_chat(request)
+            prompt = self._chat_prompt(model, request.messages)
+            max_tokens = request.max_completion_tokens or request.max_tokens
+        else:
+            assert isinstance(request, CompletionRequest)
+            _reject_unsupported_completion(request)
+            prompt = self._completion_prompt(model, request.prompt)
+            max_tokens = request.max_tokens or min(
+                DEFAULT_COMPLETION_MAX_TOKENS, max(model.max_model_len - len(prompt), 1)
+            )
+        if request.n != 1:
+            raise bad_request("only n=1 is supported; send one request per choice", param="n")
+        max_tokens = self._check_length(model, len(prompt), max_tokens)
+        engine_request = EngineRequest(
+            request_id=f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
+            model=model.name,
+            prompt_token_ids=prompt,
+            block_hashes=block_hashes(prompt, model.block_size, seed=model.hash_seed),
+            sampling=SamplingParams(
+                max_tokens=max_tokens,
+                temperature=request.temperature,
+                top_p=request.top_p,
+                seed=request.seed,
+                stop=request.stop_strings,
+                stop_token_ids=request.stop_token_ids or [],
+                ignore_eos=request.ignore_eos,
+            ),
+            priority=request.priority,
+        )
+        return _Prepared(endpoint, model, engine_request, include_usage=request.include_usage)
+
+    def _resolve(self, requested: str) -> ServedModel:
+        try:
+            return self._models[self._registry.resolve(requested)]
+        except UnknownModelError as error:
+            raise APIError(
+                404,
+                f"The model {error.requested!r} does not exist. Served models: {', '.join(error.available)}.",
+                param="model",
+                code="model_not_found",
+            ) from None
+
+    @staticmethod
+    def _chat_prompt(model: ServedModel, messages: list[ChatMessage]) -> list[int]:
+        rendered: list[dict[str, str]] = []
+        for index, message in enumerate(messages):
+            content = message.content
+            if isinstance(content, list):
+                for part in content:
+                    if part.type != "text" or part.text is None:
+                        raise bad_request(
+                            f"messages[{index}]: content parts of type {part.type!r} are not supported; "
+                            "this model takes text only",
+                            param=f"messages.{index}.content",
+                        )
+                content = "\n".join(part.text or "" for part in content)
+            rendered.append({"role": message.role, "content": content or ""})
+        try:
+            return model.tokenizer.encode_chat(rendered)
+        except TemplateError as error:
+            raise bad_request(f"the chat template rejected the messages: {error}", param="messages") from None
+
+    @staticmethod
+    def _completion_prompt(model: ServedModel, prompt: str | list[int] | list[str] | list[list[int]]) -> list[int]:
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return model.tokenizer.encode(prompt)
+        if not prompt or not all(isinstance(token, int) for token in prompt):
+            raise bad_request(
+                "batched prompts are not supported; send one request per prompt", param="prompt"
+            )
+        vocab = model.tokenizer.vocab_size
+        bad = next((token for token in prompt if not 0 <= token < vocab), None)  # type: ignore[operator]
+        if bad is not None:
+            raise bad_request(f"token id {bad} is outside the vocabulary (size {vocab})", param="prompt")
+        return list(prompt)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _check_length(model: ServedModel, num_prompt_tokens: int, max_tokens: int | None) -> int:
+        limit = model.max_model_len
+        if num_prompt_tokens >= limit:
+            raise bad_request(
+                f"This model's maximum context length is {limit} tokens. However, your prompt has "
+                f"{num_prompt_tokens} tokens. Please shorten the prompt.",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        if max_tokens is None:
+            return limit - num_prompt_tokens
+        if num_prompt_tokens + max_tokens > limit:
+            raise bad_request(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, {max_tokens} "
+                "for the completion). Please reduce the prompt or max_tokens.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return max_tokens
+
+    # -- running a request ---------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _serve(self, prepared: _Prepared) -> AsyncIterator[AsyncIterator[EngineOutput]]:
+        """Admission, the engine call, metrics and error mapping around one request."""
+        if not self._admission.try_acquire():
+            self.metrics.requests.labels(prepared.model.name, prepared.endpoint, "429").inc()
+            raise APIError(
+                429,
+                "The gateway is at its limit of requests in flight; retry after the indicated delay.",
+                code="too_many_requests",
+                retry_after_s=self._retry_after_s,
+            )
+        metrics, name = self.metrics, prepared.model.name
+        metrics.inflight.inc()
+        started = time.monotonic()
+        status = "200"
+        try:
+            async with contextlib.aclosing(self._outputs(prepared, started)) as outputs:
+                yield outputs
+        except APIError as error:
+            status = str(error.status_code)
+            raise
+        except BaseException as error:  # the client went away (cancel/close) or a bug
+            status = "499" if isinstance(error, GeneratorExit | asyncio.CancelledError) else "500"
+            if status == "500":
+                logger.exception("request %s failed", prepared.request_id)
+                raise APIError(500, "The gateway failed to serve this request; see its logs.") from None
+            raise
+        finally:
+            self._admission.release()
+            metrics.inflight.dec()
+            metrics.requests.labels(name, prepared.endpoint, status).inc()
+            if status == "200":
+                metrics.e2e.labels(name).observe(time.monotonic() - started)
+
+    async def _outputs(self, prepared: _Prepared, started: float) -> AsyncIterator[EngineOutput]:
+        metrics, name = self.metrics, prepared.model.name
+        first = True
+        try:
+            async with contextlib.aclosing(prepared.model.engine.generate(prepared.engine_request)) as outputs:
+                async for output in outputs:
+                    if output.finish_reason == "abort":
+                        raise APIError(503, "The engine stopped this request before it finished; retry it.",
+                                       retry_after_s=self._retry_after_s)
+                    if first and output.token_ids:
+                        first = False
+                        metrics.ttft.labels(name).observe(time.monotonic() - started)
+                        metrics.prompt_tokens.labels(name).inc(output.num_prompt_tokens)
+                        metrics.cached_prompt_tokens.labels(name).inc(output.num_cached_tokens)
+                    metrics.generation_tokens.labels(name).inc(len(output.token_ids))
+                    yield output
+        except EngineRequestRejected as error:
+            raise bad_request(str(error), param="messages" if prepared.endpoint == "chat" else "prompt") from None
+
+
+class _ChunkFactory:
+    """Builds the streamed chunk objects of one request."""
+
+    def __init__(self, prepared: _Prepared) -> None:
+        self._p = prepared
+        self._usage_field: dict[str, Any] = {"usage": None} if prepared.include_usage else {}
+
+    def chat(self, delta: ChatDelta, finish_reason: str | None = None) -> ChatCompletionChunk:
+        p = self._p
+        return ChatCompletionChunk(
+            id=p.request_id, created=p.created, model=p.model.name,
+            choices=[ChatChunkChoice(delta=delta, finish_reason=finish_reason)], **self._usage_field,
+        )
+
+    def piece(self, text: str | None, finish_reason: str | None) -> BaseModel:
+        p = self._p
+        if p.endpoint == "chat":
+            return self.chat(ChatDelta(content=text) if text is not None else ChatDelta(), finish_reason)
+        return CompletionChunk(
+            id=p.request_id, created=p.created, model=p.model.name,
+            choices=[CompletionChoice(text=text or "", finish_reason=finish_reason)], **self._usage_field,
+        )
+
+    def usage(self, usage: Usage) -> BaseModel:
+        p = self._p
+        chunk_type = ChatCompletionChunk if p.endpoint == "chat" else CompletionChunk
+        return chunk_type(id=p.request_id, created=p.created, model=p.model.name, choices=[], usage=usage)
+
+
+def _validation_error(error: ValidationError) -> APIError:
+    first = error.errors()[0]
+    location = ".".join(str(part) for part in first["loc"])
+    return bad_request(f"{location}: {first['msg']}" if location else first["msg"], param=location or None)
+
+
+def _reject_unsupported_chat(request: ChatCompletionRequest) -> None:
+    if request.logprobs or request.top_logprobs:
+        raise bad_request("logprobs are not supported by this gateway yet", param="logprobs")
+    if request.tools:
+        raise bad_request("tool calling is not supported by this gateway yet", param="tools")
+    if request.response_format and request.response_format.get("type", "text") != "text":
+        raise bad_request("only response_format type 'text' is supported", param="response_format")
+
+
+def _reject_unsupported_completion(request: CompletionRequest) -> None:
+    if request.echo:
+        raise bad_request("echo is not supported by this gateway yet", param="echo")
+    if request.logprobs is not None:
+        raise bad_request("logprobs are not supported by this gateway yet", param="logprobs")
+    if request.suffix:
+        raise bad_request("suffix is not supported", param="suffix")
+    if request.best_of not in (None, 1):
+        raise bad_request("only best_of=1 is supported", param="best_of")

@@ -1,0 +1,210 @@
+"""The gateway's configuration: one pydantic model for the application's `args` and one for a whole
+Serve config file, both rejecting unknown keys with the path of the offending key.
+
+    python -m app.config check configs/local.yaml     # validate a Serve config file
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from app.engines.simulated.config import SimulatedEngineConfig
+from app.tokenizer import BUILTIN_TOKENIZER_DIR
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work, with every problem listed by its key path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# One engine kind today; real vLLM joins this as a union discriminated by `kind`.
+EngineConfig = SimulatedEngineConfig
+
+
+class EngineDeploymentConfig(_Strict):
+    """How one model's engine replicas run on Ray Serve."""
+
+    num_replicas: int = Field(default=2, ge=1)
+    max_ongoing_requests: int = Field(
+        default=256, ge=1, description="Requests one replica takes at once; the engine queues beyond its batch."
+    )
+    max_queued_requests: int = Field(
+        default=1024,
+        ge=-1,
+        description="Requests waiting in the caller's handle for a replica; beyond it callers get 503 "
+        "(-1: unbounded).",
+    )
+    ray_actor_options: dict[str, Any] = Field(
+        default_factory=lambda: {"num_cpus": 0},
+        description="Ray actor options (num_cpus, num_gpus, memory, resources, accelerator_type, ...).",
+    )
+    health_check_period_s: float = Field(default=5.0, gt=0)
+
+
+class ModelConfig(_Strict):
+    """One served model: its names, tokenizer, engine and replicas."""
+
+    name: str = Field(min_length=1, description="The name clients put in `model`.")
+    aliases: list[str] = Field(default_factory=list, description="Other names that resolve to this model.")
+    tokenizer: Path | None = Field(
+        default=None, description="Folder with tokenizer.json (and tokenizer_config.json); default: built in."
+    )
+    max_model_len: int = Field(default=4096, ge=16, description="Context length: prompt plus completion.")
+    engine: EngineConfig = Field(default_factory=SimulatedEngineConfig)
+    deployment: EngineDeploymentConfig = Field(default_factory=EngineDeploymentConfig)
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.tokenizer or BUILTIN_TOKENIZER_DIR
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not (value / "tokenizer.json").is_file():
+            raise ValueError(f"no tokenizer.json in {value}")
+        return value
+
+
+class IngressConfig(_Strict):
+    """The OpenAI ingress deployment."""
+
+    num_replicas: int = Field(default=1, ge=1)
+    max_ongoing_requests: int = Field(default=2048, ge=1)
+    max_inflight_requests: int | None = Field(
+        default=1024, ge=1, description="Per ingress replica; beyond it requests get 429 with Retry-After."
+    )
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="Larger bodies get 413.")
+    retry_after_s: float = Field(default=1.0, gt=0, description="Retry-After sent with 429 and 503.")
+    ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})
+
+
+class GatewayConfig(_Strict):
+    """The application's `args`: everything the gateway needs to build itself."""
+
+    models: list[ModelConfig] = Field(min_length=1)
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> GatewayConfig:
+        seen: set[str] = set()
+        for model in self.models:
+            for name in (model.name, *model.aliases):
+                if name in seen:
+                    raise ValueError(f"model name or alias {name!r} is used twice")
+                seen.add(name)
+        return self
+
+
+# -- a whole Serve config file ------------------------------------------------------------------
+
+
+class HTTPOptionsConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    root_path: str = ""
+    request_timeout_s: float | None = None
+    keep_alive_timeout_s: float | None = None
+
+
+class DeploymentOverride(_Strict):
+    """Serve's per-deployment overrides, by deployment name (`ingress`, `engine-<model>`)."""
+
+    name: str
+    num_replicas: int | Literal["auto"] | None = None
+    max_ongoing_requests: int | None = None
+    max_queued_requests: int | None = None
+    autoscaling_config: dict[str, Any] | None = None
+    ray_actor_options: dict[str, Any] | None = None
+    user_config: dict[str, Any] | None = None
+    health_check_period_s: float | None = None
+    health_check_timeout_s: float | None = None
+    graceful_shutdown_timeout_s: float | None = None
+    graceful_shutdown_wait_loop_s: float | None = None
+    placement_group_bundles: list[dict[str, float]] | None = None
+    placement_group_strategy: str | None = None
+    request_router_config: dict[str, Any] | None = None
+    logging_config: dict[str, Any] | None = None
+
+    @field_validator("autoscaling_config")
+    @classmethod
+    def _autoscaling_valid(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            from ray.serve.config import AutoscalingConfig  # Ray's own checks, which its schema skips
+
+            AutoscalingConfig(**value)
+        return value
+
+
+class ApplicationConfig(_Strict):
+    name: str = "gateway"
+    route_prefix: str = "/"
+    import_path: str = "app.deployments.builder:build_app"
+    runtime_env: dict[str, Any] = Field(default_factory=dict)
+    args: GatewayConfig
+    deployments: list[DeploymentOverride] = Field(default_factory=list)
+
+
+class ServeConfigFile(_Strict):
+    """A `serve run` / `serve deploy` file whose applications are gateways."""
+
+    proxy_location: Literal["Disabled", "HeadOnly", "EveryNode"] = "EveryNode"
+    http_options: HTTPOptionsConfig = Field(default_factory=HTTPOptionsConfig)
+    grpc_options: dict[str, Any] | None = None
+    logging_config: dict[str, Any] | None = None
+    applications: list[ApplicationConfig] = Field(min_length=1)
+
+
+def describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {where}: unknown key (check its spelling and level)")
+        else:
+            lines.append(f"  {where}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def parse_gateway_config(args: Any) -> GatewayConfig:
+    try:
+        return GatewayConfig.model_validate(args)
+    except ValidationError as error:
+        raise ConfigError(f"invalid gateway config (application args):\n{describe(error)}") from None
+
+
+def load_serve_config(path: str | Path) -> ServeConfigFile:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    try:
+        return ServeConfigFile.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(f"{path}: invalid config:\n{describe(error)}") from None
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2 or argv[0] != "check":
+        print("usage: python -m app.config check FILE [FILE ...]", file=sys.stderr)
+        return 2
+    failed = 0
+    for path in argv[1:]:
+        try:
+            load_serve_config(path)
+            print(f"{path}: ok")
+        except (ConfigError, OSError, ValueError) as error:
+            print(error, file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

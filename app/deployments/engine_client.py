@@ -1,0 +1,62 @@
+"""The ingress side of an engine deployment: an engine client over a Serve handle.
+
+Maps Serve's failure modes to errors a client can act on and retries a request whose replica
+died before producing anything, so a lost replica does not lose requests.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+
+from app.api.errors import APIError
+from app.engines.protocol import EngineOutput, EngineRequest
+
+logger = logging.getLogger(__name__)
+
+
+class ServeEngineClient:
+    """Streams a request from one of a deployment's engine replicas."""
+
+    def __init__(self, handle: DeploymentHandle, *, retry_after_s: float = 1.0, max_attempts: int = 3) -> None:
+        self._handle = handle.options(stream=True)
+        self._retry_after_s = retry_after_s
+        self._max_attempts = max_attempts
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        for attempt in range(1, self._max_attempts + 1):
+            response = self._handle.generate.remote(request)
+            produced = finished = False
+            try:
+                async for output in response:
+                    produced = True
+                    finished = output.finished
+                    yield output
+                    if finished:
+                        return
+                raise APIError(503, "The engine replica closed the stream early; retry the request.",
+                               retry_after_s=self._retry_after_s)
+            except BackPressureError:
+                raise APIError(
+                    503,
+                    "All engine replicas for this model are at their queue limit; retry after the indicated delay.",
+                    code="engine_overloaded",
+                    retry_after_s=self._retry_after_s,
+                ) from None
+            except DeploymentUnavailableError:
+                raise APIError(503, "No engine replica for this model is available.",
+                               retry_after_s=self._retry_after_s) from None
+            except RayActorError as error:
+                if produced or attempt == self._max_attempts:
+                    raise APIError(
+                        503, "The engine replica serving this request failed; retry the request.",
+                        retry_after_s=self._retry_after_s,
+                    ) from None
+                logger.warning("engine replica failed before answering %s (%s); retrying", request.request_id, error)
+            finally:
+                if not finished:
+                    response.cancel()

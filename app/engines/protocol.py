@@ -1,0 +1,139 @@
+"""The one engine protocol every engine implements, simulated or real vLLM.
+
+The ingress talks only to this: it sends prompt token ids (tokenized once, upstream) and gets a
+stream of outputs back. Types here cross process boundaries, so they are plain pydantic models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class SamplingParams(BaseModel):
+    """What to generate. Mirrors the subset of vLLM's SamplingParams the gateway forwards."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int = Field(ge=1, description="Hard cap on generated tokens.")
+    temperature: float = Field(default=1.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list, description="Stop strings, excluded from the output.")
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = Field(default=False, description="Keep generating past EOS (for benchmarks).")
+
+
+class EngineRequest(BaseModel):
+    """One generation request as an engine receives it."""
+
+    request_id: str
+    model: str
+    prompt_token_ids: list[int]
+    block_hashes: list[int] = Field(
+        default_factory=list,
+        description="Chained hashes of the prompt's full blocks at the engine's block size; "
+        "the engine computes them itself when empty.",
+    )
+    sampling: SamplingParams
+    lora_name: str | None = None
+    priority: int = Field(default=0, description="Lower runs first under the priority policy, as in vLLM.")
+    kv_transfer_params: dict[str, Any] | None = Field(
+        default=None,
+        description="Prefill/decode hand-off, vLLM semantics: `do_remote_decode` asks a prefill engine "
+        "to return params; `do_remote_prefill` tells a decode engine to pull the KV cache.",
+    )
+
+
+class EngineOutput(BaseModel):
+    """A piece of one request's output: new tokens and text since the previous piece."""
+
+    request_id: str
+    token_ids: list[int] = Field(default_factory=list)
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = Field(default=None, description="The stop string or token that ended it.")
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = Field(default=0, description="Prompt tokens served from the prefix cache.")
+    kv_transfer_params: dict[str, Any] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+def merge_outputs(outputs: Sequence[EngineOutput]) -> EngineOutput:
+    """Coalesce consecutive outputs of one request into one (fewer messages, same content)."""
+    if len(outputs) == 1:
+        return outputs[0]
+    last = outputs[-1]
+    token_ids: list[int] = []
+    for output in outputs:
+        token_ids.extend(output.token_ids)
+    return last.model_copy(
+        update={"token_ids": token_ids, "text": "".join(output.text for output in outputs)}
+    )
+
+
+class EngineRequestRejected(ValueError):
+    """The engine can never run this request as given (too long for its context or its KV cache)."""
+
+
+class CacheConfig(BaseModel):
+    """The engine's KV cache geometry (vLLM's `vllm:cache_config_info`)."""
+
+    block_size: int
+    num_gpu_blocks: int
+    prefix_caching_hash_algo: str = "xxhash"
+    enable_prefix_caching: bool = True
+
+
+class EngineStats(BaseModel):
+    """A snapshot of an engine's load and counters, with vLLM's metric meanings."""
+
+    engine_id: str
+    model: str
+    num_requests_running: int
+    num_requests_waiting: int
+    kv_cache_usage_perc: float = Field(ge=0.0, le=1.0, description="Fraction of KV blocks in use (0..1).")
+    prefix_cache_queries: int = Field(description="Prompt tokens looked up in the prefix cache (counter).")
+    prefix_cache_hits: int = Field(description="Prompt tokens found in the prefix cache (counter).")
+    external_prefix_cache_queries: int = 0
+    external_prefix_cache_hits: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    request_success: int = 0
+    num_preemptions: int = 0
+    cache_config: CacheConfig
+    timestamp: float = Field(description="Wall-clock time of the snapshot (seconds since the epoch).")
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the gateway needs from an engine."""
+
+    engine_id: str
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        """Stream outputs; the last one has a finish_reason. Closing the iterator aborts the request."""
+        ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def stats(self) -> EngineStats: ...
+
+    @property
+    def cache_config(self) -> CacheConfig: ...
+
+    @property
+    def healthy(self) -> bool:
+        """False once the engine can no longer serve (its loop or process died)."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def shutdown(self) -> None: ...

@@ -1,0 +1,3 @@
+from app.engines.simulated.server import main
+
+main()

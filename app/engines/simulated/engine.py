@@ -1,0 +1,214 @@
+"""The simulated engine behind the engine protocol, driven in (scaled) real time.
+
+A background task runs core steps and sleeps each step's modelled duration times `time_scale`.
+This layer turns token ids into text, applies stop strings, and coalesces outputs a slow reader
+has not collected yet, so a stream never carries more messages than its reader can take.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from app.engines.protocol import CacheConfig, EngineOutput, EngineRequest, EngineStats, merge_outputs
+from app.engines.simulated.config import SimulatedEngineConfig
+from app.engines.simulated.core import CoreOutput, SimulatedEngineCore
+from app.engines.simulated.metrics import EngineMetrics
+from app.tokenizer import IncrementalDetokenizer, PromptTokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Stream:
+    """One request's output channel and text state."""
+
+    request: EngineRequest
+    detokenizer: IncrementalDetokenizer
+    arrival: float
+    queue: asyncio.Queue[EngineOutput] = field(default_factory=asyncio.Queue)
+    held_text: str = ""
+    last_token_time: float | None = None
+    finished: bool = False
+
+
+class SimulatedEngine:
+    """Implements app.engines.protocol.Engine over SimulatedEngineCore."""
+
+    def __init__(
+        self,
+        config: SimulatedEngineConfig,
+        tokenizer: PromptTokenizer,
+        *,
+        model: str,
+        max_model_len: int,
+        engine_id: str | None = None,
+    ) -> None:
+        self.config = config
+        self.model = model
+        self._tokenizer = tokenizer
+        special = tokenizer.special_token_ids
+        # Generate only tokens that decode to whole characters, so answers are readable text.
+        vocab = [
+            i for i in range(tokenizer.vocab_size)
+            if i not in special and "\ufffd" not in tokenizer.decode([i])
+        ]
+        self.core = SimulatedEngineCore(
+            config,
+            vocab_token_ids=vocab,
+            eos_token_id=tokenizer.eos_token_id,
+            max_model_len=max_model_len,
+            engine_id=engine_id,
+        )
+        self.engine_id = self.core.engine_id
+        self.metrics = EngineMetrics(model=model, engine=self.engine_id, stats=self.stats)
+        self._streams: dict[str, _Stream] = {}
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._clock_origin = time.monotonic()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._loop_task is None:
+            self._loop_task = asyncio.create_task(self._run(), name=f"sim-engine-{self.engine_id}")
+
+    async def shutdown(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+            self._loop_task = None
+        for request_id in list(self._streams):
+            await self.abort(request_id)
+
+    @property
+    def healthy(self) -> bool:
+        return self._loop_task is not None and not self._loop_task.done()
+
+    # -- protocol ------------------------------------------------------------------------------
+
+    @property
+    def cache_config(self) -> CacheConfig:
+        return self.core.cache_config
+
+    def stats(self) -> EngineStats:
+        c = self.core.counters
+        return EngineStats(
+            engine_id=self.engine_id,
+            model=self.model,
+            num_requests_running=self.core.num_running,
+            num_requests_waiting=self.core.num_waiting,
+            kv_cache_usage_perc=self.core.cache.usage,
+            prefix_cache_queries=c.prefix_cache_queries,
+            prefix_cache_hits=c.prefix_cache_hits,
+            external_prefix_cache_queries=c.external_prefix_cache_queries,
+            external_prefix_cache_hits=c.external_prefix_cache_hits,
+            prompt_tokens=c.prompt_tokens,
+            generation_tokens=c.generation_tokens,
+            request_success=c.request_success,
+            num_preemptions=c.num_preemptions,
+            cache_config=self.core.cache_config,
+            timestamp=time.time(),
+        )
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        if self._loop_task is None:
+            await self.start()
+        stream = _Stream(request, IncrementalDetokenizer(self._tokenizer), arrival=self._now())
+        self.core.add_request(request, self._now())  # raises EngineRequestRejected up front
+        self._streams[request.request_id] = stream
+        self._wake.set()
+        try:
+            while True:
+                pending = [await stream.queue.get()]
+                while not stream.queue.empty():
+                    pending.append(stream.queue.get_nowait())
+                output = merge_outputs(pending)
+                yield output
+                if output.finished:
+                    return
+        finally:
+            if not stream.finished:
+                await self.abort(request.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        stream = self._streams.pop(request_id, None)
+        self.core.abort(request_id)
+        if stream is not None and not stream.finished:
+            stream.finished = True
+            self.metrics.observe_finish(stream.arrival, self._now())
+            stream.queue.put_nowait(EngineOutput(request_id=request_id, finish_reason="abort"))
+
+    # -- the step loop -------------------------------------------------------------------------
+
+    def _now(self) -> float:
+        """Modelled seconds since the engine was made."""
+        return (time.monotonic() - self._clock_origin) / self.config.time_scale
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self.core.has_work:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            started = loop.time()
+            try:
+                result = self.core.step(self._now())
+            except Exception:  # a bug here must not hang every stream: fail them loudly
+                logger.exception("simulated engine step failed")
+                for request_id in list(self._streams):
+                    await self.abort(request_id)
+                continue
+            # Sleep to the step's end even if computing it took a while, so model time keeps pace.
+            delay = started + result.duration * self.config.time_scale - loop.time()
+            await asyncio.sleep(max(delay, 0.0))
+            now = self._now()
+            for output in result.outputs:
+                self._deliver(output, now)
+
+    def _deliver(self, core_output: CoreOutput, now: float) -> None:
+        stream = self._streams.get(core_output.request_id)
+        if stream is None or stream.finished:
+            return
+        sampling = stream.request.sampling
+        text = stream.held_text + stream.detokenizer.add(core_output.new_token_ids)
+        finish_reason, stop_reason = core_output.finish_reason, core_output.stop_reason
+        held = ""
+        if sampling.stop:
+            hit = _find_stop(text, sampling.stop)
+            if hit is not None:
+                text, stop_reason, finish_reason = text[: hit[0]], hit[1], "stop"
+            elif finish_reason is None:
+                # Hold back a tail that could be the start of a stop string.
+                keep = max(len(s) for s in sampling.stop) - 1
+                text, held = (text[:-keep], text[-keep:]) if keep and len(text) > keep else ("", text)
+        stream.held_text = held
+        self.metrics.observe_token(stream.arrival, stream.last_token_time, now, len(core_output.new_token_ids))
+        stream.last_token_time = now
+        output = EngineOutput(
+            request_id=core_output.request_id,
+            token_ids=core_output.new_token_ids,
+            text=text,
+            finish_reason=finish_reason,
+            stop_reason=stop_reason,
+            num_prompt_tokens=core_output.num_prompt_tokens,
+            num_cached_tokens=core_output.num_cached_tokens,
+            kv_transfer_params=core_output.kv_transfer_params,
+        )
+        if finish_reason is not None:
+            stream.finished = True
+            self._streams.pop(core_output.request_id, None)
+            self.core.abort(core_output.request_id)  # a stop string ends it early; no-op otherwise
+            self.metrics.observe_finish(stream.arrival, now)
+        stream.queue.put_nowait(output)
+
+
+def _find_stop(text: str, stops: list[str]) -> tuple[int, str] | None:
+    found = [(index, stop) for stop in stops if stop and (index := text.find(stop)) >= 0]
+    return min(found) if found else None

@@ -1,0 +1,93 @@
+"""The simulated engine's Prometheus metrics, under vLLM's names and labels.
+
+Gauges and counters are read from the engine's stats at scrape time; latency histograms are
+observed as tokens are delivered. Each engine has its own registry so several can share a process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from app.engines.protocol import EngineStats
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+                    20.0, 40.0, 80.0)
+_COUNTERS = {
+    "prefix_cache_queries": "Prompt tokens looked up in the prefix cache.",
+    "prefix_cache_hits": "Prompt tokens found in the prefix cache.",
+    "external_prefix_cache_queries": "Prompt tokens looked up through a KV connector.",
+    "external_prefix_cache_hits": "Prompt tokens received through a KV connector.",
+    "prompt_tokens": "Prefill tokens processed.",
+    "generation_tokens": "Generation tokens processed.",
+    "request_success": "Requests that finished.",
+    "num_preemptions": "Preemptions of running requests.",
+}
+
+
+class _StatsCollector(Collector):
+    def __init__(self, labels: dict[str, str], stats: Callable[[], EngineStats]) -> None:
+        self._labels = labels
+        self._stats = stats
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        stats = self._stats()
+        names, values = list(self._labels), list(self._labels.values())
+        for name, value, doc in (
+            ("num_requests_running", stats.num_requests_running, "Requests in the running batch."),
+            ("num_requests_waiting", stats.num_requests_waiting, "Requests waiting to be scheduled."),
+            ("kv_cache_usage_perc", stats.kv_cache_usage_perc, "KV cache usage (1 means 100 percent)."),
+        ):
+            gauge = GaugeMetricFamily(f"vllm:{name}", doc, labels=names)
+            gauge.add_metric(values, value)
+            yield gauge
+        for name, doc in _COUNTERS.items():
+            counter = CounterMetricFamily(f"vllm:{name}", doc, labels=names)
+            counter.add_metric(values, getattr(stats, name))
+            yield counter
+        cache = stats.cache_config
+        info = GaugeMetricFamily(
+            "vllm:cache_config_info",
+            "Information of the KV cache config.",
+            labels=[*names, "block_size", "num_gpu_blocks", "enable_prefix_caching", "prefix_caching_hash_algo"],
+        )
+        info.add_metric(
+            [*values, str(cache.block_size), str(cache.num_gpu_blocks), str(cache.enable_prefix_caching),
+             cache.prefix_caching_hash_algo],
+            1.0,
+        )
+        yield info
+
+
+class EngineMetrics:
+    """Per-engine registry: stats-backed gauges/counters plus request latency histograms."""
+
+    def __init__(self, *, model: str, engine: str, stats: Callable[[], EngineStats]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = {"model_name": model, "engine": engine}
+        self.registry.register(_StatsCollector(labels, stats))
+
+        def histogram(name: str, doc: str) -> Histogram:
+            metric = Histogram(name, doc, list(labels), registry=self.registry, buckets=_LATENCY_BUCKETS)
+            return metric.labels(**labels)
+
+        self._ttft = histogram("vllm:time_to_first_token_seconds", "Time to first token.")
+        self._itl = histogram("vllm:inter_token_latency_seconds", "Time between output tokens.")
+        self._e2e = histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency.")
+
+    def observe_token(self, arrival: float, previous: float | None, now: float, num_tokens: int) -> None:
+        if previous is None:
+            self._ttft.observe(now - arrival)
+        elif num_tokens:
+            gap = (now - previous) / num_tokens
+            for _ in range(num_tokens):
+                self._itl.observe(gap)
+
+    def observe_finish(self, arrival: float, now: float) -> None:
+        self._e2e.observe(now - arrival)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,104 @@
+"""The simulated engine as a standalone OpenAI-compatible HTTP server, like `vllm serve`.
+
+    python -m app.engines.simulated --port 8100 [--model sim-llama] [--engine-config engine.yaml]
+
+Serves /v1/completions, /v1/chat/completions (streaming and not), /v1/models, /health and /metrics
+(vLLM metric names), so any HTTP router or benchmark tool can drive it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import uvicorn
+import yaml
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from app.api.http import PROMETHEUS_CONTENT_TYPE, OpenAIHTTP, install_error_handlers
+from app.api.serving import OpenAIServing, ServedModel
+from app.engines.simulated.config import SimulatedEngineConfig
+from app.engines.simulated.engine import SimulatedEngine
+from app.tokenizer import BUILTIN_TOKENIZER_DIR, PromptTokenizer
+
+
+def create_app(
+    engine_config: SimulatedEngineConfig,
+    *,
+    model: str = "sim-llama",
+    tokenizer_dir: Path = BUILTIN_TOKENIZER_DIR,
+    max_model_len: int = 4096,
+    max_body_bytes: int = 8 * 1024 * 1024,
+) -> FastAPI:
+    tokenizer = PromptTokenizer.from_dir(tokenizer_dir)
+    engine = SimulatedEngine(engine_config, tokenizer, model=model, max_model_len=max_model_len)
+    served = ServedModel(
+        name=model,
+        tokenizer=tokenizer,
+        engine=engine,
+        max_model_len=max_model_len,
+        block_size=engine_config.block_size,
+        hash_seed=engine_config.hash_seed,
+    )
+    http = OpenAIHTTP(OpenAIServing([served]), max_body_bytes=max_body_bytes)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await engine.start()
+        yield
+        await engine.shutdown()
+
+    app = FastAPI(title="Simulated vLLM", lifespan=lifespan)
+    app.state.engine = engine
+    install_error_handlers(app)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await http.chat_completions(request)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await http.completions(request)
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        return http.models()
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200 if engine.healthy else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(engine.metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m app.engines.simulated", description=__doc__.split("\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8100)
+    parser.add_argument("--model", default="sim-llama", help="served model name")
+    parser.add_argument("--tokenizer", type=Path, default=BUILTIN_TOKENIZER_DIR, help="tokenizer folder")
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--engine-config", type=Path, help="YAML or JSON with SimulatedEngineConfig fields")
+    parser.add_argument("--time-scale", type=float, help="wall seconds per modelled second (0.1 = 10x faster)")
+    parser.add_argument("--seed", type=int)
+    args = parser.parse_args(argv)
+
+    fields = yaml.safe_load(args.engine_config.read_text()) if args.engine_config else {}
+    if args.time_scale is not None:
+        fields["time_scale"] = args.time_scale
+    if args.seed is not None:
+        fields["seed"] = args.seed
+    app = create_app(
+        SimulatedEngineConfig.model_validate(fields or {}),
+        model=args.model,
+        tokenizer_dir=args.tokenizer,
+        max_model_len=args.max_model_len,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -1,0 +1,107 @@
+"""The model's tokenizer and chat template, loaded from a Hugging Face style folder.
+
+The ingress tokenizes each prompt exactly once with this; engines use it only to turn generated
+token ids back into text. It reads `tokenizer.json` and `tokenizer_config.json` (chat template,
+BOS/EOS) without importing `transformers`, which keeps replicas light and fast to start.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+BUILTIN_TOKENIZER_DIR = Path(__file__).parent / "assets" / "tiny-tokenizer"
+"""The small byte-level BPE tokenizer this project builds itself (see app/tokenizer_build.py)."""
+
+
+class TemplateError(ValueError):
+    """The chat template could not render the given messages."""
+
+
+class PromptTokenizer:
+    """Encodes prompts and chat conversations to token ids and decodes generated ids."""
+
+    def __init__(self, tokenizer: Tokenizer, config: dict[str, Any]) -> None:
+        self._tokenizer = tokenizer
+        self.bos_token: str | None = config.get("bos_token")
+        self.eos_token: str | None = config.get("eos_token")
+        template = config.get("chat_template")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise_template_error
+        self._chat_template = env.from_string(template) if template else None
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> PromptTokenizer:
+        folder = Path(path)
+        config_file = folder / "tokenizer_config.json"
+        config = json.loads(config_file.read_text()) if config_file.exists() else {}
+        return cls(Tokenizer.from_file(str(folder / "tokenizer.json")), config)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size()
+
+    @cached_property
+    def eos_token_id(self) -> int | None:
+        return self._tokenizer.token_to_id(self.eos_token) if self.eos_token else None
+
+    @cached_property
+    def special_token_ids(self) -> frozenset[int]:
+        decoder = self._tokenizer.get_added_tokens_decoder()
+        return frozenset(idx for idx, token in decoder.items() if token.special)
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        return self._tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
+        if self._chat_template is None:
+            raise TemplateError("this model's tokenizer has no chat template; use /v1/completions")
+        return self._chat_template.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
+
+    def encode_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> list[int]:
+        # The template writes BOS itself, so the post-processor must not add a second one.
+        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt)
+        return self.encode(text, add_special_tokens=False)
+
+
+def _raise_template_error(message: str) -> None:
+    raise TemplateError(message)
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas without re-decoding everything.
+
+    Byte-level BPE can split one character over several tokens; a delta is held back while the
+    decoded tail is an incomplete character (U+FFFD), as vLLM does.
+    """
+
+    def __init__(self, tokenizer: PromptTokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+
+    def add(self, token_ids: Sequence[int]) -> str:
+        self._ids.extend(token_ids)
+        decode = self._tokenizer.decode
+        prefix_text = decode(self._ids[self._prefix_offset : self._read_offset])
+        new_text = decode(self._ids[self._prefix_offset :])
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return ""
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
+        return new_text[len(prefix_text) :]
