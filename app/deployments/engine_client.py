@@ -6,6 +6,7 @@ died before producing anything, so a lost replica does not lose requests.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -30,7 +31,7 @@ class ServeEngineClient:
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         for attempt in range(1, self._max_attempts + 1):
             response = self._handle.generate.remote(request)
-            produced = finished = False
+            produced = finished = failed = False
             try:
                 async for output in response:
                     produced = True
@@ -41,6 +42,7 @@ class ServeEngineClient:
                 raise APIError(503, "The engine replica closed the stream early; retry the request.",
                                retry_after_s=self._retry_after_s)
             except BackPressureError:
+                failed = True
                 raise APIError(
                     503,
                     "All engine replicas for this model are at their queue limit; retry after the indicated delay.",
@@ -48,9 +50,11 @@ class ServeEngineClient:
                     retry_after_s=self._retry_after_s,
                 ) from None
             except DeploymentUnavailableError:
+                failed = True
                 raise APIError(503, "No engine replica for this model is available.",
                                retry_after_s=self._retry_after_s) from None
             except RayActorError as error:
+                failed = True
                 if produced or attempt == self._max_attempts:
                     raise APIError(
                         503, "The engine replica serving this request failed; retry the request.",
@@ -58,5 +62,8 @@ class ServeEngineClient:
                     ) from None
                 logger.warning("engine replica failed before answering %s (%s); retrying", request.request_id, error)
             finally:
-                if not finished:
-                    response.cancel()
+                if not (finished or failed):
+                    # The caller stopped reading (client gone): stop the engine request too.
+                    # Best effort; an error here must not hide the one being raised.
+                    with contextlib.suppress(Exception):
+                        response.cancel()

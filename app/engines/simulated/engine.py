@@ -70,6 +70,7 @@ class SimulatedEngine:
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._clock_origin = time.monotonic()
+        self._closed = False
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -78,6 +79,7 @@ class SimulatedEngine:
             self._loop_task = asyncio.create_task(self._run(), name=f"sim-engine-{self.engine_id}")
 
     async def shutdown(self) -> None:
+        self._closed = True
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -88,7 +90,9 @@ class SimulatedEngine:
 
     @property
     def healthy(self) -> bool:
-        return self._loop_task is not None and not self._loop_task.done()
+        # Not started yet is healthy: the loop starts with the first request.
+        loop_died = self._loop_task is not None and self._loop_task.done()
+        return not (loop_died or self._closed)
 
     # -- protocol ------------------------------------------------------------------------------
 
@@ -117,6 +121,8 @@ class SimulatedEngine:
         )
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        if self._closed:
+            raise RuntimeError("the engine is shut down")
         if self._loop_task is None:
             await self.start()
         stream = _Stream(request, IncrementalDetokenizer(self._tokenizer), arrival=self._now())

@@ -1,0 +1,43 @@
+"""Shared helpers for tests that start servers: free ports, waiting for readiness."""
+
+import socket
+import time
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_ready(url: str, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError as error:
+            last_error = error
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready after {timeout_s}s (last error: {last_error})")
+
+
+def wait_for(predicate, timeout_s: float = 10.0, interval_s: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return predicate()
+
+
+def metric_value(metrics_text: str, name: str) -> float:
+    """Sum of a metric's samples in Prometheus text (all label sets)."""
+    total = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total

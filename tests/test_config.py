@@ -1,0 +1,82 @@
+"""Every shipped config validates; mistakes are rejected with the path of the bad key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from app.config import ConfigError, load_serve_config, main, parse_gateway_config
+from app.deployments.builder import build_app
+
+CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    config = load_serve_config(path)
+    for application in config.applications:
+        assert application.args.models
+
+
+def test_local_config_is_the_laptop_default():
+    config = load_serve_config("configs/local.yaml")
+    assert config.http_options.host == "127.0.0.1"
+    model = config.applications[0].args.models[0]
+    assert model.engine.kind == "simulated"
+    assert model.deployment.ray_actor_options == {"num_cpus": 0}
+
+
+@pytest.mark.parametrize(
+    ("mutate", "where"),
+    [
+        (lambda c: c.update(extra_top=1), "extra_top"),
+        (lambda c: c["http_options"].update(hots="x"), "http_options.hots"),
+        (lambda c: c["applications"][0].update(argz={}), "applications.0.argz"),
+        (lambda c: c["applications"][0]["args"].update(modelz=[]), "applications.0.args.modelz"),
+        (lambda c: c["applications"][0]["args"]["models"][0]["engine"].update(blok_size=3),
+         "applications.0.args.models.0.engine.blok_size"),
+        (lambda c: c["applications"][0]["args"]["models"][0]["deployment"].update(replicas=3),
+         "applications.0.args.models.0.deployment.replicas"),
+        (lambda c: c["applications"][0].update(deployments=[{"name": "ingress", "num_replicaz": 2}]),
+         "applications.0.deployments.0.num_replicaz"),
+    ],
+)
+def test_unknown_keys_are_rejected_with_their_path(tmp_path, mutate, where):
+    data = yaml.safe_load(Path("configs/local.yaml").read_text())
+    mutate(data)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as raised:
+        load_serve_config(path)
+    assert f"{where}: unknown key" in str(raised.value)
+
+
+def test_bad_values_and_duplicate_names_are_rejected():
+    with pytest.raises(ConfigError, match="block_size"):
+        parse_gateway_config({"models": [{"name": "m", "engine": {"block_size": 0}}]})
+    with pytest.raises(ConfigError, match="used twice"):
+        parse_gateway_config({"models": [{"name": "m"}, {"name": "n", "aliases": ["m"]}]})
+    with pytest.raises(ConfigError, match="models"):
+        parse_gateway_config({"models": []})
+
+
+def test_invalid_autoscaling_is_caught_before_deploying(tmp_path):
+    data = yaml.safe_load(Path("configs/local.yaml").read_text())
+    data["applications"][0]["deployments"] = [
+        {"name": "engine-sim-llama", "autoscaling_config": {"min_replicas": 5, "max_replicas": 1}}
+    ]
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="autoscaling_config"):
+        load_serve_config(path)
+
+
+def test_builder_rejects_bad_args_with_a_clear_message():
+    with pytest.raises(ConfigError, match=r"models\.0\.engine\.bogus: unknown key"):
+        build_app({"models": [{"name": "m", "engine": {"bogus": 1}}]})
+
+
+def test_check_command(capsys):
+    assert main(["check", "configs/local.yaml"]) == 0
+    assert "ok" in capsys.readouterr().out
+    assert main([]) == 2
