@@ -6,9 +6,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_worker_niceness", "0")
 
-import pytest  # noqa: E402
+import pytest
 
-from app.tokenizer import BUILTIN_TOKENIZER_DIR, PromptTokenizer  # noqa: E402
+from app.tokenizer import BUILTIN_TOKENIZER_DIR, PromptTokenizer
 
 
 @pytest.fixture(scope="session")
