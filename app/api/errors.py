@@ -6,6 +6,7 @@ it by type (it pickles across processes).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 _DEFAULT_TYPES = {
@@ -64,3 +65,10 @@ def _rebuild(status_code: int, message: str, kwargs: dict[str, Any]) -> APIError
 
 def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
+
+
+def invalid_field(errors: Sequence[Mapping[str, Any]]) -> APIError:
+    """A 400 naming the first invalid field, from pydantic-style error entries (loc, msg)."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    location = ".".join(str(part) for part in first["loc"])
+    return bad_request(f"{location}: {first['msg']}" if location else first["msg"], param=location or None)

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api.errors import APIError, bad_request
+from app.api.errors import APIError, bad_request, invalid_field
 from app.api.serving import Endpoint, OpenAIServing
 
 logger = logging.getLogger(__name__)
@@ -121,9 +121,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        where = ".".join(str(part) for part in first["loc"])
-        return error_response(bad_request(f"{where}: {first['msg']}" if where else first["msg"], param=where or None))
+        return error_response(invalid_field(exc.errors()))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -18,7 +18,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ValidationError
 
-from app.api.errors import APIError, bad_request
+from app.api.errors import APIError, bad_request, invalid_field
 from app.api.metrics import GatewayMetrics
 from app.api.protocol import (
     AssistantMessage,
@@ -194,7 +194,7 @@ class OpenAIServing:
         try:
             request = request_type.model_validate(body)
         except ValidationError as error:
-            raise _validation_error(error) from None
+            raise invalid_field(error.errors()) from None
         model = self._resolve(request.model)
         if endpoint == "chat":
             assert isinstance(request, ChatCompletionRequest)
@@ -336,6 +336,7 @@ class OpenAIServing:
 
     async def _outputs(self, prepared: _Prepared, started: float) -> AsyncIterator[EngineOutput]:
         metrics, name = self.metrics, prepared.model.name
+        generation_tokens = metrics.generation_tokens.labels(name)
         first = True
         try:
             async with contextlib.aclosing(prepared.model.engine.generate(prepared.engine_request)) as outputs:
@@ -348,7 +349,7 @@ class OpenAIServing:
                         metrics.ttft.labels(name).observe(time.monotonic() - started)
                         metrics.prompt_tokens.labels(name).inc(output.num_prompt_tokens)
                         metrics.cached_prompt_tokens.labels(name).inc(output.num_cached_tokens)
-                    metrics.generation_tokens.labels(name).inc(len(output.token_ids))
+                    generation_tokens.inc(len(output.token_ids))
                     yield output
         except EngineRequestRejected as error:
             raise bad_request(str(error), param="messages" if prepared.endpoint == "chat" else "prompt") from None
@@ -381,12 +382,6 @@ class _ChunkFactory:
         p = self._p
         chunk_type = ChatCompletionChunk if p.endpoint == "chat" else CompletionChunk
         return chunk_type(id=p.request_id, created=p.created, model=p.model.name, choices=[], usage=usage)
-
-
-def _validation_error(error: ValidationError) -> APIError:
-    first = error.errors()[0]
-    location = ".".join(str(part) for part in first["loc"])
-    return bad_request(f"{location}: {first['msg']}" if location else first["msg"], param=location or None)
 
 
 def _reject_unsupported_chat(request: ChatCompletionRequest) -> None:
