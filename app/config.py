@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from app.engines.simulated.config import SimulatedEngineConfig
+from app.router.scheduler import RoutingConfig
 from app.tokenizer import BUILTIN_TOKENIZER_DIR
 
 
@@ -86,11 +87,31 @@ class IngressConfig(_Strict):
     ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})
 
 
+class ClusterStateConfig(_Strict):
+    """The cluster-wide state actor and how often replicas talk to it."""
+
+    report_interval_s: float = Field(
+        default=0.1, gt=0, description="How often each engine replica sends its stats and KV events."
+    )
+    sync_interval_s: float = Field(
+        default=0.05, gt=0, description="How often each ingress replica refreshes its local snapshot."
+    )
+    replica_timeout_s: float = Field(
+        default=10.0, gt=0, description="A replica silent this long leaves the routing candidates."
+    )
+    max_log_ops: int = Field(
+        default=50_000, ge=100, description="Index changes kept for incremental sync; a router further behind "
+        "gets a full snapshot.",
+    )
+
+
 class GatewayConfig(_Strict):
     """The application's `args`: everything the gateway needs to build itself."""
 
     models: list[ModelConfig] = Field(min_length=1)
     ingress: IngressConfig = Field(default_factory=IngressConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    cluster_state: ClusterStateConfig = Field(default_factory=ClusterStateConfig)
 
     @model_validator(mode="after")
     def _names_unique(self) -> GatewayConfig:

@@ -40,7 +40,7 @@ from app.api.protocol import (
 )
 from app.engines.protocol import EngineOutput, EngineRequest, EngineRequestRejected, SamplingParams
 from app.router.admission import InflightLimit
-from app.router.hashing import block_hashes
+from app.router.hashing import BlockHasher, get_hasher
 from app.router.models import ModelEntry, ModelRegistry, UnknownModelError
 from app.tokenizer import PromptTokenizer, TemplateError
 
@@ -63,8 +63,11 @@ class ServedModel:
     engine: EngineClient
     max_model_len: int
     block_size: int
-    hash_seed: int = 0
+    hasher: BlockHasher = field(default_factory=get_hasher)
+    """The engines' block-hash function, so the router's keys equal the engines' own."""
     aliases: tuple[str, ...] = ()
+    include_prompt_text: bool = False
+    """Send the prompt text along (only Ray's PrefixCacheAffinityRouter baseline reads it)."""
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -215,7 +218,8 @@ class OpenAIServing:
             request_id=f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
             model=model.name,
             prompt_token_ids=prompt,
-            block_hashes=block_hashes(prompt, model.block_size, seed=model.hash_seed),
+            block_hashes=model.hasher.block_hashes(prompt, model.block_size),
+            prompt=_prompt_text(request) if model.include_prompt_text else None,
             sampling=SamplingParams(
                 max_tokens=max_tokens,
                 temperature=request.temperature,
@@ -402,3 +406,17 @@ def _reject_unsupported_completion(request: CompletionRequest) -> None:
         raise bad_request("suffix is not supported", param="suffix")
     if request.best_of not in (None, 1):
         raise bad_request("only best_of=1 is supported", param="best_of")
+
+
+def _prompt_text(request: ChatCompletionRequest | CompletionRequest) -> str:
+    """The text Ray's PrefixCacheAffinityRouter matches on: the prompt, or the messages' contents."""
+    if isinstance(request, CompletionRequest):
+        return request.prompt if isinstance(request.prompt, str) else ""
+    parts: list[str] = []
+    for message in request.messages:
+        content = message.content
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            parts.extend(getattr(part, "text", "") or "" for part in content)
+    return "".join(parts)

@@ -10,6 +10,7 @@ import re
 from typing import Any
 
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from app.config import GatewayConfig, ModelConfig, parse_gateway_config
 from app.deployments.engine import EngineServer
@@ -20,7 +21,25 @@ def engine_deployment_name(model_name: str) -> str:
     return "engine-" + re.sub(r"[^A-Za-z0-9_-]+", "-", model_name).strip("-")
 
 
-def _engine_app(model: ModelConfig) -> Application:
+# Which Serve request router each routing policy needs on the engine deployments.
+_REQUEST_ROUTERS = {
+    "prefix_aware": "app.deployments.request_router:GatewayRequestRouter",
+    "round_robin": "app.deployments.request_router:GatewayRequestRouter",
+    "power_of_two": None,  # Serve's built-in default
+    "ray_prefix_cache_affinity": (
+        "ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router:PrefixCacheAffinityRouter"
+    ),
+}
+
+
+def _request_router_config(config: GatewayConfig) -> dict[str, Any]:
+    router_class = _REQUEST_ROUTERS[config.routing.policy]
+    if router_class is None:
+        return {}
+    return {"request_router_config": RequestRouterConfig(request_router_class=router_class)}
+
+
+def _engine_app(model: ModelConfig, config: GatewayConfig) -> Application:
     d = model.deployment
     return EngineServer.options(
         name=engine_deployment_name(model.name),
@@ -29,11 +48,12 @@ def _engine_app(model: ModelConfig) -> Application:
         max_queued_requests=d.max_queued_requests,
         ray_actor_options=d.ray_actor_options,
         health_check_period_s=d.health_check_period_s,
-    ).bind(model.model_dump(mode="json"))
+        **_request_router_config(config),
+    ).bind(model.model_dump(mode="json"), config.cluster_state.model_dump(mode="json"))
 
 
 def build_gateway(config: GatewayConfig) -> Application:
-    engines = {model.name: _engine_app(model) for model in config.models}
+    engines = {model.name: _engine_app(model, config) for model in config.models}
     ingress = config.ingress
     return OpenAIIngress.options(
         name="ingress",

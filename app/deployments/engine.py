@@ -2,40 +2,83 @@
 
 Outputs stream back as the engine produces them; the engine already merges whatever the reader has
 not collected, so a busy stream sends fewer, larger messages instead of one Ray message per token.
+Each replica registers with the application's cluster-state actor and streams its stats and KV
+events there in the background.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
 
-from app.config import ModelConfig
+from app.config import ClusterStateConfig, ModelConfig
+from app.deployments.cluster_sync import EngineReporter
 from app.engines.factory import create_engine
 from app.engines.protocol import EngineOutput, EngineRequest, EngineStats
+from app.router.state import ReplicaInfo, ReplicaStats
 from app.tokenizer import PromptTokenizer
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256, health_check_period_s=5)
 class EngineServer:
-    def __init__(self, model: dict[str, Any]) -> None:
+    def __init__(self, model: dict[str, Any], cluster_state: dict[str, Any] | None = None) -> None:
         config = ModelConfig.model_validate(model)
         context = serve.get_replica_context()
+        self.replica_id = context.replica_id.unique_id if context else "local"
         self.engine = create_engine(
             config.engine,
             PromptTokenizer.from_dir(config.tokenizer_dir),
             model=config.name,
             max_model_len=config.max_model_len,
-            engine_id=context.replica_id.unique_id if context else None,
+            engine_id=self.replica_id,
         )
+        cache = self.engine.cache_config
+        info = ReplicaInfo(
+            replica_id=self.replica_id,
+            model=config.name,
+            role="mixed",
+            engine_id=self.engine.engine_id,
+            block_size=cache.block_size,
+            num_gpu_blocks=cache.num_gpu_blocks,
+            max_num_seqs=config.engine.max_num_seqs,
+            hash_algo=cache.prefix_caching_hash_algo,
+            hash_seed=cache.hash_seed,
+            kv_events=True,
+        )
+        self.reporter = EngineReporter(
+            context.app_name if context else "",
+            info,
+            self.engine,
+            self._routing_stats,
+            ClusterStateConfig.model_validate(cluster_state or {}),
+        )
+        self._reporter_task: asyncio.Task[None] | None = None
+        # Register as soon as possible; if the constructor runs off the replica's event loop the
+        # first health check or request starts the reporter instead.
+        with contextlib.suppress(RuntimeError):
+            self._ensure_reporting()
+
+    def _ensure_reporting(self) -> None:
+        if self._reporter_task is None or self._reporter_task.done():
+            self._reporter_task = asyncio.get_running_loop().create_task(self.reporter.run())
+
+    def _routing_stats(self) -> ReplicaStats:
+        return ReplicaStats.model_validate(self.engine.stats().model_dump())
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        self._ensure_reporting()
         # Cancelling the caller's response (client gone) closes this generator, which aborts
         # the request in the engine and frees its KV blocks.
+        first = True
         async with contextlib.aclosing(self.engine.generate(request)) as outputs:
             async for output in outputs:
+                if first:
+                    first = False
+                    output.replica_id = self.replica_id
                 yield output
 
     async def abort(self, request_id: str) -> None:
@@ -49,9 +92,13 @@ class EngineServer:
         return self.engine.stats().model_dump(mode="json")
 
     async def check_health(self) -> None:
+        self._ensure_reporting()
         await self.engine.start()  # idempotent; makes the step loop run from the first check
         if not self.engine.healthy:
             raise RuntimeError("the engine's step loop has stopped")
 
     async def __del__(self) -> None:
+        if self._reporter_task is not None:
+            self._reporter_task.cancel()
+            await self.reporter.unregister()
         await self.engine.shutdown()

@@ -8,7 +8,9 @@ Handle methods take and return OpenAI-shaped dicts and raise app.api.errors.APIE
 """
 
 # No `from __future__ import annotations`: Serve rebuilds route signatures and needs real types.
+import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,9 +20,15 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from app.api.http import OpenAIHTTP, install_error_handlers
-from app.api.serving import Endpoint, OpenAIServing, ServedModel
-from app.config import GatewayConfig
+from app.api.metrics import GatewayMetrics
+from app.api.serving import Endpoint, EngineClient, OpenAIServing, ServedModel
+from app.config import GatewayConfig, ModelConfig
+from app.deployments.cluster_sync import RouterStateSync
 from app.deployments.engine_client import ServeEngineClient
+from app.deployments.routing import RoutedEngineClient, RouterMetrics
+from app.router.hashing import get_hasher
+from app.router.scheduler import Scheduler
+from app.router.state import ClusterState
 from app.tokenizer import PromptTokenizer
 
 gateway_api = FastAPI(title="LLM gateway", description="OpenAI-compatible API over Ray Serve")
@@ -33,22 +41,83 @@ class OpenAIIngress:
     def __init__(self, config: dict[str, Any], engines: dict[str, DeploymentHandle]) -> None:
         gateway = GatewayConfig.model_validate(config)
         limits = gateway.ingress
+        context = serve.get_replica_context()
+        self.metrics = GatewayMetrics()
+        self.router_metrics = RouterMetrics(self.metrics.registry)
+        self.cluster = ClusterState(
+            speculative_ttl_s=gateway.routing.speculative_ttl_s, stale_after_s=gateway.routing.stale_after_s
+        )
+        self.scheduler = Scheduler(self.cluster, gateway.routing)
+        # Ray's PrefixCacheAffinityRouter and Serve's power-of-two pick inside the handle on their own.
+        self.ranks_requests = gateway.routing.policy in ("prefix_aware", "round_robin")
+        self.sync = RouterStateSync(context.app_name if context else "", self.cluster, gateway.cluster_state)
+        self.sync.on_synced = self._publish_replica_load
+        self._sync_task: asyncio.Task[None] | None = None
         models = [
             ServedModel(
                 name=model.name,
                 tokenizer=PromptTokenizer.from_dir(model.tokenizer_dir),
-                engine=ServeEngineClient(engines[model.name], retry_after_s=limits.retry_after_s),
+                engine=self._engine_client(model, engines[model.name], limits.retry_after_s),
                 max_model_len=model.max_model_len,
                 block_size=model.engine.block_size,
-                hash_seed=model.engine.hash_seed,
+                hasher=get_hasher(model.engine.hash_algo, model.engine.hash_seed),
                 aliases=tuple(model.aliases),
+                include_prompt_text=gateway.routing.policy == "ray_prefix_cache_affinity",
             )
             for model in gateway.models
         ]
         self.serving = OpenAIServing(
-            models, max_inflight_requests=limits.max_inflight_requests, retry_after_s=limits.retry_after_s
+            models,
+            metrics=self.metrics,
+            max_inflight_requests=limits.max_inflight_requests,
+            retry_after_s=limits.retry_after_s,
         )
         self.http = OpenAIHTTP(self.serving, max_body_bytes=limits.max_body_bytes)
+        with contextlib.suppress(RuntimeError):  # no running loop: the first request starts it
+            self._ensure_syncing()
+
+    def _engine_client(self, model: ModelConfig, handle: DeploymentHandle, retry_after_s: float) -> EngineClient:
+        client = ServeEngineClient(handle, retry_after_s=retry_after_s)
+        if not self.ranks_requests:
+            return client
+        return RoutedEngineClient(
+            client,
+            model=model.name,
+            block_size=model.engine.block_size,
+            scheduler=self.scheduler,
+            sync=self.sync,
+            metrics=self.router_metrics,
+            on_request=self._ensure_syncing,
+        )
+
+    def _ensure_syncing(self) -> None:
+        if self._sync_task is None or self._sync_task.done():
+            self._sync_task = asyncio.get_running_loop().create_task(self.sync.run())
+
+    def _publish_replica_load(self) -> None:
+        gauge = self.router_metrics.replica_load
+        for replica in self.cluster.replicas.values():
+            labels = (replica.info.model, replica.replica_id)
+            gauge.labels(*labels, "inflight").set(replica.inflight)
+            gauge.labels(*labels, "running").set(replica.stats.num_requests_running)
+            gauge.labels(*labels, "waiting").set(replica.stats.num_requests_waiting)
+            gauge.labels(*labels, "kv_cache_usage").set(replica.stats.kv_cache_usage_perc)
+        self.router_metrics.state_age.set(0.0)
+
+    async def routing_state(self) -> dict[str, Any]:
+        """This ingress replica's view of the fleet (for operators and tests)."""
+        self._ensure_syncing()
+        now = time.monotonic()
+        return {
+            "router_id": self.sync.router_id,
+            "fresh": self.cluster.is_fresh(now),
+            "policy": self.scheduler.config.policy,
+            "ttft_model": self.scheduler.ttft_model.coefficients,
+            "replicas": {
+                rid: {"inflight": s.inflight, "blocks": self.cluster.index.num_blocks(rid), "load": s.load}
+                for rid, s in self.cluster.replicas.items()
+            },
+        }
 
     # -- HTTP ----------------------------------------------------------------------------------
 
@@ -70,6 +139,7 @@ class OpenAIIngress:
 
     @gateway_api.get("/metrics")
     async def metrics_http(self) -> Response:
+        self.router_metrics.state_age.set(max(0.0, time.monotonic() - self.cluster.synced_at))
         return self.http.metrics()
 
     # -- Python handle API (batch jobs) --------------------------------------------------------

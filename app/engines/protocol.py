@@ -36,11 +36,24 @@ class EngineRequest(BaseModel):
     prompt_token_ids: list[int]
     block_hashes: list[int] = Field(
         default_factory=list,
-        description="Chained hashes of the prompt's full blocks at the engine's block size; "
-        "the engine computes them itself when empty.",
+        description="The router's keys for the prompt's full blocks (vLLM's hashes, low 64 bits), used "
+        "for routing; engines hash the prompt themselves, as vLLM does.",
     )
     sampling: SamplingParams
     lora_name: str | None = None
+    cache_salt: str | None = Field(
+        default=None, description="Isolates this request's prefix cache entries (vLLM's cache_salt)."
+    )
+    prompt: str | None = Field(
+        default=None,
+        description="The rendered prompt text. Engines ignore it; Ray's PrefixCacheAffinityRouter baseline "
+        "matches on it.",
+    )
+    route: list[str] = Field(
+        default_factory=list,
+        description="Engine replica ids in the scheduler's order of preference; the Serve request "
+        "router sends the request to the first that has room.",
+    )
     priority: int = Field(default=0, description="Lower runs first under the priority policy, as in vLLM.")
     kv_transfer_params: dict[str, Any] | None = Field(
         default=None,
@@ -60,6 +73,9 @@ class EngineOutput(BaseModel):
     num_prompt_tokens: int = 0
     num_cached_tokens: int = Field(default=0, description="Prompt tokens served from the prefix cache.")
     kv_transfer_params: dict[str, Any] | None = None
+    replica_id: str | None = Field(
+        default=None, description="The engine replica that produced it (set on a stream's first output)."
+    )
 
     @property
     def finished(self) -> bool:
@@ -88,7 +104,8 @@ class CacheConfig(BaseModel):
 
     block_size: int
     num_gpu_blocks: int
-    prefix_caching_hash_algo: str = "xxhash"
+    prefix_caching_hash_algo: str = "sha256"
+    hash_seed: str = Field(default="0", description="NONE_HASH seed (PYTHONHASHSEED of the engine process).")
     enable_prefix_caching: bool = True
 
 
@@ -123,6 +140,14 @@ class Engine(Protocol):
         ...
 
     async def abort(self, request_id: str) -> None: ...
+
+    def take_kv_events(self) -> list[bytes]:
+        """KV-event batches published since the last call, each a vLLM msgpack payload frame."""
+        ...
+
+    def cached_block_hashes(self) -> list[int] | None:
+        """Every block now in the prefix cache, for rebuilding a router's index; None if unknown."""
+        ...
 
     def stats(self) -> EngineStats: ...
 

@@ -5,14 +5,13 @@ import json
 
 import httpx
 import pytest
-import ray
 from openai import OpenAI
 from ray import serve
 
 from app.api.errors import APIError
 from app.config import parse_gateway_config
 from app.deployments.builder import build_gateway
-from tests.helpers import free_port, metric_value, wait_for
+from tests.helpers import metric_value, start_local_serve, stop_local_serve, wait_for
 
 pytestmark = pytest.mark.serve
 
@@ -34,9 +33,7 @@ def gateway_args(**engine_deployment) -> dict:
 
 @pytest.fixture(scope="module")
 def gateway():
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = start_local_serve()
     serve.run(build_gateway(parse_gateway_config(gateway_args())), name="gateway", route_prefix="/")
     # A second app with one real-time engine replica and tiny queues, to reach overload on purpose.
     tight = gateway_args(num_replicas=1, max_ongoing_requests=2, max_queued_requests=1)
@@ -45,8 +42,7 @@ def gateway():
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        stop_local_serve()
 
 
 def engine_stats(app: str = "gateway") -> dict[str, dict]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class StepTimeConfig(BaseModel):
@@ -54,4 +54,13 @@ class SimulatedEngineConfig(BaseModel):
         "ignore_eos run to max_tokens.",
     )
     seed: int = Field(default=0, description="Seeds sampling, so runs are reproducible.")
-    hash_seed: int = Field(default=0, description="Seed of the block-hash chain (vLLM: PYTHONHASHSEED).")
+    hash_algo: Literal["sha256", "sha256_cbor", "xxhash", "xxhash_cbor"] = Field(
+        default="sha256", description="Block-hash algorithm (vLLM: --prefix-caching-hash-algo)."
+    )
+    hash_seed: str = Field(default="0", description="Seed of the block-hash chain (vLLM: PYTHONHASHSEED).")
+
+    @field_validator("hash_seed", mode="before")
+    @classmethod
+    def _seed_as_string(cls, value: object) -> object:
+        # PYTHONHASHSEED is an environment string; accept the natural `hash_seed: 0` in YAML too.
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value

@@ -20,7 +20,8 @@ from app.engines.protocol import CacheConfig, EngineRequest, EngineRequestReject
 from app.engines.simulated.config import SimulatedEngineConfig
 from app.engines.simulated.kv_cache import KVBlock, KVCache
 from app.engines.simulated.timing import StepWork, step_duration
-from app.router.hashing import BlockHash, block_hashes
+from app.router.hashing import BlockHash, external_hash, get_hasher
+from app.router.kv_events import KVEvent
 
 
 @dataclass(slots=True)
@@ -50,6 +51,8 @@ class _Sequence:
     rng: random.Random
     token_ids: list[int]
     num_prompt_tokens: int
+    block_digests: list[bytes]
+    """vLLM's full block digests: the chain continues from the last one as output fills blocks."""
     block_hashes: list[BlockHash]
     blocks: list[KVBlock] = field(default_factory=list)
     num_computed: int = 0
@@ -103,6 +106,7 @@ class SimulatedEngineCore:
             config.num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
         )
         self.counters = CoreCounters()
+        self._hasher = get_hasher(config.hash_algo, config.hash_seed)
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
         self._by_id: dict[str, _Sequence] = {}
@@ -114,6 +118,8 @@ class SimulatedEngineCore:
         return CacheConfig(
             block_size=self.config.block_size,
             num_gpu_blocks=self.config.num_blocks,
+            prefix_caching_hash_algo=self.config.hash_algo,
+            hash_seed=self.config.hash_seed,
             enable_prefix_caching=self.config.enable_prefix_caching,
         )
 
@@ -151,8 +157,9 @@ class SimulatedEngineCore:
                 f"the request needs {self.cache.blocks_for(total)} KV blocks but the engine has "
                 f"{self.cache.num_blocks}"
             )
-        hashes = [BlockHash(h) for h in request.block_hashes] or block_hashes(
-            prompt, self.config.block_size, seed=self.config.hash_seed, extra_keys=_extra_keys(request)
+        # Like vLLM, the engine hashes the prompt itself; the router's hashes are only its guess.
+        digests = self._hasher.digests(
+            prompt, self.config.block_size, lora_name=request.lora_name, cache_salt=request.cache_salt
         )
         seq = _Sequence(
             request=request,
@@ -160,7 +167,8 @@ class SimulatedEngineCore:
             rng=self._sampler_for(request),
             token_ids=list(prompt),
             num_prompt_tokens=len(prompt),
-            block_hashes=hashes,
+            block_digests=digests,
+            block_hashes=[external_hash(d) for d in digests],
         )
         self._by_id[request.request_id] = seq
         self._enqueue(seq)
@@ -323,19 +331,29 @@ class SimulatedEngineCore:
         if num_full > len(seq.block_hashes):
             # Blocks filled by generated tokens extend the hash chain, as vLLM caches them too.
             start = len(seq.block_hashes) * block_size
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
-            seq.block_hashes.extend(
-                block_hashes(
-                    seq.token_ids[start : num_full * block_size],
-                    block_size,
-                    seed=self.config.hash_seed,
-                    extra_keys=_extra_keys(seq.request),
-                    parent=parent,
-                )
+            more = self._hasher.digests(
+                seq.token_ids[start : num_full * block_size],
+                block_size,
+                lora_name=seq.request.lora_name,
+                cache_salt=seq.request.cache_salt,
+                parent=seq.block_digests[-1] if seq.block_digests else None,
+                first_block_index=len(seq.block_digests),
             )
+            seq.block_digests.extend(more)
+            seq.block_hashes.extend(external_hash(d) for d in more)
         for index in range(seq.num_committed_blocks, num_full):
-            self.cache.commit(seq.blocks[index], seq.block_hashes[index])
+            self.cache.commit(
+                seq.blocks[index],
+                seq.block_hashes[index],
+                parent_hash=seq.block_hashes[index - 1] if index else None,
+                token_ids=seq.token_ids[index * block_size : (index + 1) * block_size],
+                lora_name=seq.request.lora_name,
+            )
         seq.num_committed_blocks = max(seq.num_committed_blocks, num_full)
+
+    def take_kv_events(self) -> list[KVEvent]:
+        """KV events since the last call, in the order the cache changed."""
+        return self.cache.take_events()
 
     def _sample(self, seq: _Sequence) -> int:
         sampling = seq.request.sampling
@@ -383,6 +401,3 @@ class SimulatedEngineCore:
 def _prompt_digest(request: EngineRequest) -> int:
     return xxhash.xxh3_64_intdigest(repr((request.prompt_token_ids, request.lora_name)).encode())
 
-
-def _extra_keys(request: EngineRequest) -> tuple[str, ...] | None:
-    return ("lora", request.lora_name) if request.lora_name else None

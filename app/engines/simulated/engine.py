@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ from app.engines.protocol import CacheConfig, EngineOutput, EngineRequest, Engin
 from app.engines.simulated.config import SimulatedEngineConfig
 from app.engines.simulated.core import CoreOutput, SimulatedEngineCore
 from app.engines.simulated.metrics import EngineMetrics
+from app.router.kv_events import encode_batch
 from app.tokenizer import IncrementalDetokenizer, PromptTokenizer
 
 logger = logging.getLogger(__name__)
@@ -71,6 +73,9 @@ class SimulatedEngine:
         self._loop_task: asyncio.Task[None] | None = None
         self._clock_origin = time.monotonic()
         self._closed = False
+        # Bounded like vLLM's publisher buffer: if nobody drains, the oldest batches are dropped
+        # (a router resynchronizes from cached_block_hashes()).
+        self._kv_batches: deque[bytes] = deque(maxlen=10_000)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -150,6 +155,19 @@ class SimulatedEngine:
             self.metrics.observe_finish(stream.arrival, self._now())
             stream.queue.put_nowait(EngineOutput(request_id=request_id, finish_reason="abort"))
 
+    def take_kv_events(self) -> list[bytes]:
+        batches = list(self._kv_batches)
+        self._kv_batches.clear()
+        return batches
+
+    def cached_block_hashes(self) -> list[int] | None:
+        return list(self.core.cache.cached_hashes())
+
+    def _publish_kv_events(self) -> None:
+        events = self.core.take_kv_events()
+        if events:
+            self._kv_batches.append(encode_batch(time.time(), events))
+
     # -- the step loop -------------------------------------------------------------------------
 
     def _now(self) -> float:
@@ -175,6 +193,7 @@ class SimulatedEngine:
             delay = started + result.duration * self.config.time_scale - loop.time()
             await asyncio.sleep(max(delay, 0.0))
             now = self._now()
+            self._publish_kv_events()
             for output in result.outputs:
                 self._deliver(output, now)
 

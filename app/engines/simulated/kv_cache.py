@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from app.router.hashing import BlockHash
+from app.router.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 
 @dataclass(slots=True, eq=False)
@@ -22,7 +23,11 @@ class KVBlock:
 
 
 class KVCache:
-    """Block allocator with a prefix cache keyed by chained block hashes."""
+    """Block allocator with a prefix cache keyed by chained block hashes.
+
+    Like vLLM with KV events enabled, it records a BlockStored event when a block enters the prefix
+    cache and a BlockRemoved event when a cached block is evicted; `take_events` drains them.
+    """
 
     def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True) -> None:
         self.num_blocks = num_blocks
@@ -33,6 +38,7 @@ class KVCache:
         # blocks to the back, so the cache keeps the most recently freed prefixes longest.
         self._free: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self._blocks)
         self._cached: dict[BlockHash, KVBlock] = {}
+        self.events: list[KVEvent] = []
 
     @property
     def num_free_blocks(self) -> int:
@@ -80,18 +86,51 @@ class KVCache:
                 # Evicting: the cached prefix is lost.
                 if self._cached.get(block.block_hash) is block:
                     del self._cached[block.block_hash]
+                    self.events.append(BlockRemoved(block_hashes=[block.block_hash]))
                 block.block_hash = None
             block.ref_count = 1
             allocated.append(block)
         return allocated
 
-    def commit(self, block: KVBlock, block_hash: BlockHash) -> None:
+    def commit(
+        self,
+        block: KVBlock,
+        block_hash: BlockHash,
+        *,
+        parent_hash: BlockHash | None = None,
+        token_ids: Sequence[int] = (),
+        lora_name: str | None = None,
+    ) -> None:
         """Mark a block full: later requests with the same prefix can reuse it."""
         if not self.enable_prefix_caching or block.block_hash is not None:
             return
         block.block_hash = block_hash
         # A duplicate of an already cached block stays private; the first copy serves lookups.
-        self._cached.setdefault(block_hash, block)
+        if block_hash not in self._cached:
+            self._cached[block_hash] = block
+            self.events.append(
+                BlockStored(
+                    block_hashes=[block_hash],
+                    parent_block_hash=parent_hash,
+                    token_ids=list(token_ids),
+                    block_size=self.block_size,
+                    lora_name=lora_name,
+                )
+            )
+
+    def cached_hashes(self) -> list[BlockHash]:
+        return list(self._cached)
+
+    def take_events(self) -> list[KVEvent]:
+        events, self.events = self.events, []
+        return events
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (vLLM's reset_prefix_cache); blocks in use stay allocated."""
+        for block in self._cached.values():
+            block.block_hash = None
+        self._cached.clear()
+        self.events.append(AllBlocksCleared())
 
     def release(self, blocks: Sequence[KVBlock]) -> None:
         """Drop a request's references; later blocks of a request are evicted before earlier ones."""

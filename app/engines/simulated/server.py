@@ -22,6 +22,7 @@ from app.api.http import PROMETHEUS_CONTENT_TYPE, OpenAIHTTP, install_error_hand
 from app.api.serving import OpenAIServing, ServedModel
 from app.engines.simulated.config import SimulatedEngineConfig
 from app.engines.simulated.engine import SimulatedEngine
+from app.router.hashing import get_hasher
 from app.tokenizer import BUILTIN_TOKENIZER_DIR, PromptTokenizer
 
 
@@ -41,7 +42,7 @@ def create_app(
         engine=engine,
         max_model_len=max_model_len,
         block_size=engine_config.block_size,
-        hash_seed=engine_config.hash_seed,
+        hasher=get_hasher(engine_config.hash_algo, engine_config.hash_seed),
     )
     http = OpenAIHTTP(OpenAIServing([served]), max_body_bytes=max_body_bytes)
 

@@ -1,0 +1,159 @@
+"""Background links to the state actor: engines report to it, ingress replicas sync from it.
+
+Both loops survive the actor dying: a failed call is logged (once per outage), the handle is looked
+up again by name, and the loop carries on. Nothing on a request's path awaits these loops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from app.config import ClusterStateConfig
+from app.deployments.cluster_state import SyncReply, get_or_create_state_actor
+from app.engines.protocol import Engine
+from app.router.state import ClusterState, ReplicaInfo, ReplicaStats
+
+logger = logging.getLogger(__name__)
+
+
+class _ActorLink:
+    """The actor handle, re-resolved after failures; logs each outage once."""
+
+    def __init__(self, app_name: str, config: ClusterStateConfig, what: str) -> None:
+        self._app_name = app_name
+        self._config = config
+        self._what = what
+        self._actor: Any = None
+        self._failing_since: float | None = None
+
+    def actor(self) -> Any:
+        if self._actor is None:
+            self._actor = get_or_create_state_actor(
+                self._app_name, self._config.replica_timeout_s, self._config.max_log_ops
+            )
+        return self._actor
+
+    def failed(self, error: BaseException) -> None:
+        self._actor = None
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+            logger.warning("%s: cluster state actor unreachable (%s); routing on local load meanwhile",
+                           self._what, error)
+
+    def succeeded(self) -> None:
+        if self._failing_since is not None:
+            logger.info("%s: cluster state actor back after %.1fs", self._what, time.monotonic() - self._failing_since)
+            self._failing_since = None
+
+
+class EngineReporter:
+    """Registers an engine replica and streams its stats and KV events to the actor."""
+
+    def __init__(self, app_name: str, info: ReplicaInfo, engine: Engine, stats: Callable[[], ReplicaStats],
+                 config: ClusterStateConfig) -> None:
+        self.info = info
+        self._engine = engine
+        self._stats = stats
+        self._config = config
+        self._link = _ActorLink(app_name, config, f"engine replica {info.replica_id}")
+        self._registered = False
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.report_once()
+                self._link.succeeded()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # the actor is restarting or gone: keep serving, retry
+                self._registered = False
+                self._link.failed(error)
+            await asyncio.sleep(self._config.report_interval_s)
+
+    async def report_once(self) -> None:
+        actor = self._link.actor()
+        if not self._registered:
+            # The full cache contents replace whatever the actor had for us; events up to now are in it.
+            self._engine.take_kv_events()
+            await actor.register.remote(self.info, self._engine.cached_block_hashes())
+            self._registered = True
+        accepted = await actor.report.remote(self.info.replica_id, self._stats(), self._engine.take_kv_events())
+        if not accepted:
+            self._registered = False  # the actor restarted and forgot us: register again next round
+
+    async def unregister(self) -> None:
+        try:
+            await self._link.actor().unregister.remote(self.info.replica_id)
+        except Exception:  # shutting down; the actor times us out anyway
+            pass
+
+
+class RouterStateSync:
+    """Keeps an ingress replica's ClusterState copy current and shares its speculative entries."""
+
+    def __init__(self, app_name: str, state: ClusterState, config: ClusterStateConfig) -> None:
+        self.state = state
+        self.router_id = uuid.uuid4().hex[:12]
+        self._config = config
+        self._link = _ActorLink(app_name, config, f"router {self.router_id}")
+        self._epoch = ""
+        self._version = 0
+        self._speculated: list[tuple[str, list[int]]] = []
+        self.on_synced: Callable[[], None] | None = None
+
+    def speculated(self, replica_id: str, block_hashes: list[int]) -> None:
+        if block_hashes:
+            self._speculated.append((replica_id, block_hashes))
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.sync_once()
+                self._link.succeeded()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                self._link.failed(error)
+            await asyncio.sleep(self._config.sync_interval_s)
+
+    async def sync_once(self) -> None:
+        speculated, self._speculated = self._speculated, []
+        try:
+            reply: SyncReply = await self._link.actor().sync.remote(
+                self.router_id, self._epoch, self._version, speculated
+            )
+        except Exception:
+            self._speculated = speculated + self._speculated  # not delivered: send with the next sync
+            raise
+        self.apply(reply, time.monotonic())
+        if self.on_synced is not None:
+            self.on_synced()
+
+    def apply(self, reply: SyncReply, now: float) -> None:
+        state = self.state
+        state.retain(info.replica_id for info in reply.replicas)
+        for info in reply.replicas:
+            state.register(info)
+        for replica_id, stats in reply.stats.items():
+            state.update_stats(replica_id, stats, now)
+        if reply.full_index is not None:
+            for replica_id in state.index.replicas:
+                state.index.clear(replica_id)
+            for replica_id, hashes in reply.full_index.items():
+                state.index.add(replica_id, hashes)
+        for op in reply.ops:
+            if op.kind == "store":
+                state.index.add(op.replica_id, op.hashes)
+            elif op.kind == "remove":
+                state.index.remove(op.replica_id, op.hashes)
+            elif op.kind == "clear":
+                state.index.clear(op.replica_id)
+            elif op.kind == "speculate":
+                state.note_routed(op.replica_id, op.hashes, now)
+        self._epoch, self._version = reply.epoch, reply.version
+        state.synced_at = now

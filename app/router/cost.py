@@ -1,0 +1,88 @@
+"""Predicting a replica's time to first token, calibrated online from observed TTFTs.
+
+TTFT ~ c0 + c1 * (prefill tokens ahead of the request + its own uncached tokens) + c2 * load,
+where load is the replica's running plus waiting requests (decode batches slow each step, and a full
+batch makes newcomers wait). The coefficients start at priors from the engine's step-time profile
+and are refit after every observed first token by recursive least squares with forgetting, so the
+model follows the hardware and the traffic it actually sees. Coefficients are kept non-negative at
+prediction time: more work never predicts a faster start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+# Features are scaled to similar magnitudes so one forgetting factor suits all three.
+_TOKEN_SCALE = 1000.0
+_LOAD_SCALE = 10.0
+
+
+class TTFTPrior(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base_s: float = Field(default=0.01, ge=0, description="Fixed cost: routing hop plus one engine step.")
+    per_prefill_token_s: float = Field(default=5e-5, ge=0, description="Seconds per prompt token to prefill.")
+    per_running_request_s: float = Field(default=2e-3, ge=0, description="Seconds added per request in the batch.")
+    forgetting: float = Field(default=0.995, gt=0.9, le=1.0, description="RLS forgetting factor per observation.")
+
+
+@dataclass(frozen=True, slots=True)
+class TTFTFeatures:
+    prefill_tokens: float
+    """Tokens ahead of the request plus its own uncached tokens."""
+    load: float
+
+    def vector(self) -> np.ndarray:
+        return np.array([1.0, self.prefill_tokens / _TOKEN_SCALE, self.load / _LOAD_SCALE])
+
+
+class TTFTModel:
+    def __init__(self, prior: TTFTPrior | None = None) -> None:
+        self.prior = prior or TTFTPrior()
+        self.theta = np.array(
+            [
+                self.prior.base_s,
+                self.prior.per_prefill_token_s * _TOKEN_SCALE,
+                self.prior.per_running_request_s * _LOAD_SCALE,
+            ]
+        )
+        # Confidence in the prior: loose enough that a few dozen observations dominate it.
+        self._p = np.eye(3) * 1.0
+        self.observations = 0
+
+    def predict(self, features: TTFTFeatures) -> float:
+        theta = np.maximum(self.theta, 0.0)
+        return float(theta @ features.vector())
+
+    def predict_many(self, prefill_tokens: np.ndarray, load: np.ndarray) -> np.ndarray:
+        c0, c1, c2 = np.maximum(self.theta, 0.0)
+        return c0 + c1 * (prefill_tokens / _TOKEN_SCALE) + c2 * (load / _LOAD_SCALE)
+
+    def prefill_seconds(self, tokens: np.ndarray) -> np.ndarray:
+        """The token term alone: time to prefill this many tokens."""
+        return max(float(self.theta[1]), 0.0) * (tokens / _TOKEN_SCALE)
+
+    def observe(self, features: TTFTFeatures, ttft_s: float) -> None:
+        if not np.isfinite(ttft_s) or ttft_s < 0:
+            return
+        x = features.vector()
+        lam = self.prior.forgetting
+        px = self._p @ x
+        gain = px / (lam + x @ px)
+        self.theta = self.theta + gain * (ttft_s - self.theta @ x)
+        self._p = (self._p - np.outer(gain, px)) / lam
+        # Keep P bounded when traffic stops exciting a direction (e.g. always-empty queues).
+        np.clip(self._p, -1e3, 1e3, out=self._p)
+        self.observations += 1
+
+    @property
+    def coefficients(self) -> dict[str, float]:
+        c0, c1, c2 = self.theta
+        return {
+            "base_s": float(c0),
+            "per_prefill_token_s": float(c1 / _TOKEN_SCALE),
+            "per_running_request_s": float(c2 / _LOAD_SCALE),
+        }

@@ -1,0 +1,177 @@
+"""The router's picture of the fleet: registered replicas, their latest stats, the prefix index,
+and this router's own in-flight bookkeeping.
+
+The cluster-wide actor keeps one of these as the authority; every ingress replica keeps a copy fed
+from it, so routing reads local memory only. Time is passed in (`now`, seconds on any monotonic
+clock) so the discrete-event simulator can drive the very same code in virtual time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.router.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from app.router.prefix_index import PrefixIndex, SpeculativeEntries
+
+ReplicaRole = Literal["mixed", "prefill", "decode"]
+
+
+class ReplicaInfo(BaseModel):
+    """What an engine replica tells the router when it registers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    replica_id: str
+    model: str
+    role: ReplicaRole = "mixed"
+    engine_id: str = ""
+    block_size: int = Field(gt=0)
+    num_gpu_blocks: int = Field(gt=0, description="KV cache capacity in blocks; bounds the index.")
+    max_num_seqs: int | None = None
+    hash_algo: str = "sha256"
+    hash_seed: str = "0"
+    kv_events: bool = Field(default=True, description="Whether the engine publishes KV events.")
+
+
+class ReplicaStats(BaseModel):
+    """Load signals, named as vLLM's metrics are."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    num_requests_running: int = 0
+    num_requests_waiting: int = 0
+    kv_cache_usage_perc: float = 0.0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    timestamp: float = 0.0
+
+
+@dataclass(slots=True)
+class ReplicaState:
+    info: ReplicaInfo
+    stats: ReplicaStats = field(default_factory=ReplicaStats)
+    stats_at: float = float("-inf")
+    """When this router last received stats (its own clock)."""
+    inflight: int = 0
+    """Requests this router sent that have not finished."""
+    pending_prefill_tokens: int = 0
+    """Uncached prompt tokens of requests this router sent that have no first token yet."""
+
+    @property
+    def replica_id(self) -> str:
+        return self.info.replica_id
+
+    @property
+    def reported_load(self) -> int:
+        return self.stats.num_requests_running + self.stats.num_requests_waiting
+
+    @property
+    def load(self) -> int:
+        # Stats lag by up to one report interval and other ingress replicas' requests only show up
+        # there; this router's own in-flight count is exact for its share. The larger of the two.
+        return max(self.reported_load, self.inflight)
+
+
+class ClusterState:
+    def __init__(self, *, speculative_ttl_s: float = 5.0, stale_after_s: float = 2.0) -> None:
+        self.replicas: dict[str, ReplicaState] = {}
+        self.index = PrefixIndex()
+        self.speculative = SpeculativeEntries(speculative_ttl_s)
+        self.stale_after_s = stale_after_s
+        self.synced_at = float("-inf")
+        """When this copy last heard from the authority (the actor); the actor itself sets it always."""
+
+    # -- membership ----------------------------------------------------------------------------
+
+    def register(self, info: ReplicaInfo) -> None:
+        existing = self.replicas.get(info.replica_id)
+        if existing is not None and existing.info == info:
+            return
+        if existing is not None and existing.info.engine_id != info.engine_id:
+            # Same replica, new engine process: whatever it cached before is gone.
+            self.index.clear(info.replica_id)
+        self.replicas[info.replica_id] = ReplicaState(info=info) if existing is None else ReplicaState(
+            info=info, stats=existing.stats, stats_at=existing.stats_at, inflight=existing.inflight,
+            pending_prefill_tokens=existing.pending_prefill_tokens,
+        )
+        self.index.add_replica(info.replica_id, info.num_gpu_blocks)
+
+    def unregister(self, replica_id: str) -> None:
+        self.replicas.pop(replica_id, None)
+        self.index.remove_replica(replica_id)
+        self.speculative.drop_replica(replica_id)
+
+    def retain(self, replica_ids: Iterable[str]) -> None:
+        keep = set(replica_ids)
+        for replica_id in [r for r in self.replicas if r not in keep]:
+            self.unregister(replica_id)
+
+    # -- signals -------------------------------------------------------------------------------
+
+    def update_stats(self, replica_id: str, stats: ReplicaStats, now: float) -> None:
+        state = self.replicas.get(replica_id)
+        if state is not None:
+            state.stats = stats
+            state.stats_at = now
+
+    def apply_kv_events(self, replica_id: str, events: Sequence[KVEvent]) -> None:
+        if replica_id not in self.replicas:
+            return
+        for event in events:
+            if isinstance(event, BlockStored):
+                self.index.add(replica_id, event.block_hashes)
+            elif isinstance(event, BlockRemoved):
+                self.index.remove(replica_id, event.block_hashes)
+            elif isinstance(event, AllBlocksCleared):
+                self.index.clear(replica_id)
+
+    def note_routed(self, replica_id: str, block_hashes: Sequence[int], now: float) -> None:
+        """A request with these blocks was just sent to the replica: expect them cached there soon."""
+        state = self.replicas.get(replica_id)
+        if state is None or not block_hashes:
+            return
+        if state.info.kv_events:
+            self.speculative.add(replica_id, block_hashes, now)
+        else:
+            # Without events nothing will confirm or evict, so the guess goes straight into the
+            # index, bounded by the engine's capacity like everything else there.
+            self.index.add(replica_id, block_hashes)
+
+    # -- queries -------------------------------------------------------------------------------
+
+    def is_fresh(self, now: float) -> bool:
+        return now - self.synced_at <= self.stale_after_s
+
+    def prefix_matches(self, block_hashes: Sequence[int], now: float) -> dict[str, int]:
+        """Leading blocks of the prompt held (or just sent) per replica."""
+        if not block_hashes:
+            return {}
+        self.speculative.expire(now)
+        return self.index.match(block_hashes, self.speculative.rows(block_hashes, self.index))
+
+    def candidates(self, model: str, roles: Sequence[ReplicaRole] = ("mixed",)) -> list[ReplicaState]:
+        return [s for s in self.replicas.values() if s.info.model == model and s.info.role in roles]
+
+    # -- this router's own requests ------------------------------------------------------------
+
+    def on_dispatch(self, replica_id: str, uncached_tokens: int) -> None:
+        state = self.replicas.get(replica_id)
+        if state is not None:
+            state.inflight += 1
+            state.pending_prefill_tokens += uncached_tokens
+
+    def on_first_token(self, replica_id: str, uncached_tokens: int) -> None:
+        state = self.replicas.get(replica_id)
+        if state is not None:
+            state.pending_prefill_tokens = max(0, state.pending_prefill_tokens - uncached_tokens)
+
+    def on_finish(self, replica_id: str, uncached_tokens: int, got_first_token: bool) -> None:
+        state = self.replicas.get(replica_id)
+        if state is not None:
+            state.inflight = max(0, state.inflight - 1)
+            if not got_first_token:
+                state.pending_prefill_tokens = max(0, state.pending_prefill_tokens - uncached_tokens)

@@ -1,0 +1,116 @@
+import random
+
+import pytest
+
+from app.router.cost import TTFTFeatures, TTFTModel
+from app.router.scheduler import RoutingConfig, RoutingRequest, Scheduler
+from app.router.state import ClusterState, ReplicaInfo, ReplicaStats
+
+BLOCK = 16
+
+
+def fleet(n: int = 4, **config) -> Scheduler:
+    state = ClusterState()
+    for i in range(n):
+        state.register(ReplicaInfo(replica_id=f"r{i}", model="m", block_size=BLOCK, num_gpu_blocks=4096))
+        state.update_stats(f"r{i}", ReplicaStats(), now=0.0)
+    state.synced_at = 0.0
+    return Scheduler(state, RoutingConfig(**config))
+
+
+def prompt(group: int, question: int, system_blocks: int = 32, question_blocks: int = 4) -> RoutingRequest:
+    rng = random.Random(group)
+    system = [rng.getrandbits(64) for _ in range(system_blocks)]
+    rng = random.Random(group * 1000 + question + 10**6)
+    hashes = system + [rng.getrandbits(64) for _ in range(question_blocks)]
+    return RoutingRequest(model="m", block_hashes=hashes, num_prompt_tokens=len(hashes) * BLOCK + 5, block_size=BLOCK)
+
+
+def route(s: Scheduler, req: RoutingRequest, now: float = 0.0, *, first_token: bool = False):
+    decision = s.schedule(req, now)
+    s.on_dispatch(decision, req, decision.replica_id, now)
+    if first_token:
+        s.on_first_token(decision, req, decision.replica_id, ttft_s=0.05)
+    return decision
+
+
+def test_requests_sharing_a_prefix_follow_it_to_one_replica():
+    s = fleet()
+    first = route(s, prompt(1, 0))
+    assert first.reason == "no_prefix"
+    s.on_first_token(first, prompt(1, 0), first.replica_id, ttft_s=0.05)
+    for q in range(1, 4):
+        d = route(s, prompt(1, q), first_token=True)
+        assert d.replica_id == first.replica_id and d.reason == "prefix"
+        assert d.matched_tokens == 32 * BLOCK
+
+
+def test_a_burst_on_one_prefix_stays_together_until_the_queue_outweighs_recomputing_it():
+    s = fleet()
+    holder = route(s, prompt(7, 0)).replica_id
+    # Each queued request adds only its question to the holder's prefill queue, so a few can wait
+    # there more cheaply than another replica could recompute the shared 512-token system prompt.
+    assert [route(s, prompt(7, q)).replica_id for q in range(1, 3)] == [holder, holder]
+
+
+def test_distinct_prefixes_spread_over_an_idle_fleet():
+    s = fleet()
+    chosen = {route(s, prompt(g, 0)).replica_id for g in range(12)}
+    assert len(chosen) == 4
+
+
+def test_load_spreads_when_the_prefix_holder_is_saturated():
+    s = fleet()
+    holder = route(s, prompt(2, 0)).replica_id
+    s.state.update_stats(holder, ReplicaStats(num_requests_running=64, num_requests_waiting=40), now=0.0)
+    d = s.schedule(prompt(2, 1), 0.0)
+    assert d.replica_id != holder
+    assert d.reason in ("load", "guard")
+
+
+def test_guard_stops_affinity_from_piling_onto_one_replica():
+    # Make prefill so expensive that the cost model alone would keep choosing the holder.
+    s = fleet(ttft_prior={"per_prefill_token_s": 1.0, "per_running_request_s": 0.0}, guard_load_slack=4)
+    holder = route(s, prompt(3, 0)).replica_id
+    s.state.update_stats(holder, ReplicaStats(num_requests_running=10), now=0.0)
+    d = s.schedule(prompt(3, 1), 0.0)
+    assert d.replica_id != holder and d.reason == "guard"
+
+
+def test_two_routers_with_the_same_state_agree():
+    a, b = fleet(), fleet()
+    for g in range(20):
+        da, db = route(a, prompt(g, 0)), route(b, prompt(g, 0))
+        assert da.ranked == db.ranked
+
+
+def test_stale_state_routes_on_load_alone():
+    s = fleet()
+    holder = route(s, prompt(4, 0)).replica_id
+    d = s.schedule(prompt(4, 1), now=100.0)  # nothing heard from the cluster for 100 s
+    assert d.reason == "stale_state" and d.matched_tokens == 0
+    assert d.replica_id != holder  # the holder has this router's request in flight
+
+
+def test_baseline_policies():
+    rr = fleet(policy="round_robin")
+    assert [route(rr, prompt(5, q)).replica_id for q in range(5)] == ["r0", "r1", "r2", "r3", "r0"]
+    p2 = fleet(policy="power_of_two")
+    p2.state.update_stats("r0", ReplicaStats(num_requests_running=50), now=0.0)
+    assert all(route(p2, prompt(6, q)).ranked[0] != "r0" for q in range(10))
+
+
+def test_unknown_model_has_no_candidates():
+    assert fleet().schedule(RoutingRequest(model="x", block_hashes=[], num_prompt_tokens=3, block_size=16), 0) is None
+
+
+def test_ttft_model_calibrates_to_observed_latency():
+    model = TTFTModel()
+    rng = random.Random(0)
+    for _ in range(300):
+        f = TTFTFeatures(prefill_tokens=rng.uniform(0, 4000), load=rng.uniform(0, 30))
+        model.observe(f, 0.02 + 2e-4 * f.prefill_tokens + 1e-3 * f.load)
+    c = model.coefficients
+    assert c["per_prefill_token_s"] == pytest.approx(2e-4, rel=0.05)
+    assert c["per_running_request_s"] == pytest.approx(1e-3, rel=0.1)
+    assert model.predict(TTFTFeatures(1000, 10)) == pytest.approx(0.23, rel=0.05)
