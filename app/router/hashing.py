@@ -115,7 +115,7 @@ class BlockHasher:
         previous = parent
         for i, start in enumerate(range(0, len(token_ids) - block_size + 1, block_size)):
             extra = block_extra_keys(first_block_index + i, lora_name, cache_salt)
-            previous = self._cached_block(previous, tuple(token_ids[start : start + block_size]), extra)
+            previous = self._lru(previous, tuple(token_ids[start : start + block_size]), extra)
             out.append(previous)
         return out
 
@@ -131,9 +131,6 @@ class BlockHasher:
         return [
             external_hash(d) for d in self.digests(token_ids, block_size, lora_name=lora_name, cache_salt=cache_salt)
         ]
-
-    def _cached_block(self, parent: bytes | None, tokens: tuple[int, ...], extra: tuple[Any, ...] | None) -> bytes:
-        return self._lru(parent, tokens, extra)
 
 
 @lru_cache(maxsize=16)
