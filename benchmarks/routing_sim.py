@@ -2,9 +2,17 @@
 
 The real scheduler code (app/router) routes; the real simulated engine core (app/engines/simulated)
 serves; KV events and stats reach the router after a report delay, as they do live. Every policy sees
-the same request sequence on an identical fleet.
+the same request sequence on an identical fleet, and the hit-rate upper bound (every block seen
+before is a hit, as with one infinite cache) is computed on the same requests.
 
-    .venv/bin/python benchmarks/routing_sim.py --replicas 8 --rates 20,40,60 --requests 2000
+Workloads (Poisson arrivals, seeded):
+- shared_prefix: groups x prompts per group sharing a system prompt (GIE "high cache" shape:
+  2048-token system prompts, 256-token questions, 256 output tokens).
+- low_cache: the same generator with a short shared part and long unique questions (256 + 2048).
+- multi_turn: conversations of several turns; each turn's prompt is the whole conversation so far,
+  including the answers the engine generated, and arrives a think time after the previous answer.
+
+    .venv/bin/python benchmarks/routing_sim.py --replicas 8 --rates 60,80,100,120 --json out.json
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import heapq
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +35,8 @@ from app.router.scheduler import RoutingConfig, RoutingRequest, Scheduler
 from app.router.state import ClusterState, ReplicaInfo, ReplicaStats
 
 BLOCK = 16
+VOCAB = (10, 1000)
+POLICIES = ("round_robin", "power_of_two", "ray", "prefix_aware")
 
 
 @dataclass
@@ -34,37 +45,83 @@ class Req:
     tokens: list[int]
     output_len: int
     hashes: list[int] = field(default_factory=list)
+    conversation: int = -1
+    turn: int = 0
+
+
+# A follow-up turn: given a finished request, its generated tokens and the finish time, the next request.
+FollowUp = Callable[[Req, list[int], float], "Req | None"]
+
+
+@dataclass
+class Workload:
+    name: str
+    requests: list[Req]
+    follow_up: FollowUp | None = None
+
+
+def _hashes(tokens: list[int]) -> list[int]:
+    return get_hasher().block_hashes(tokens, BLOCK)
 
 
 def shared_prefix(groups: int, per_group: int, system_len: int, question_len: int, output_len: int,
-                  rate: float, seed: int) -> list[Req]:
+                  rate: float, seed: int, name: str = "shared_prefix") -> Workload:
     rng = random.Random(seed)
-    systems = [[rng.randrange(10, 1000) for _ in range(system_len)] for _ in range(groups)]
+    tokens_rng = np.random.default_rng(seed)
+    systems = tokens_rng.integers(*VOCAB, size=(groups, system_len)).tolist()
     order = [g for g in range(groups) for _ in range(per_group)]
     rng.shuffle(order)
     t, out = 0.0, []
-    hasher = get_hasher()
     for g in order:
         t += rng.expovariate(rate)
-        tokens = systems[g] + [rng.randrange(10, 1000) for _ in range(question_len)]
-        out.append(Req(t, tokens, output_len, hasher.block_hashes(tokens, BLOCK)))
-    return out
+        tokens = systems[g] + tokens_rng.integers(*VOCAB, size=question_len).tolist()
+        out.append(Req(t, tokens, output_len, _hashes(tokens)))
+    return Workload(name, out)
 
 
-def upper_bound_hit_rate(reqs: list[Req]) -> float:
-    seen: set[int] = set()
-    hits = total = 0
-    for r in reqs:
-        usable = (len(r.tokens) - 1) // BLOCK
+def multi_turn(conversations: int, turns: int, system_len: int, user_len: int, output_len: int,
+               rate: float, think_s: float, seed: int) -> Workload:
+    """`rate` is new conversations per second; later turns follow each answer after a think time."""
+    rng = random.Random(seed)
+    tokens_rng = np.random.default_rng(seed)
+    system = tokens_rng.integers(*VOCAB, size=system_len).tolist()
+    user = tokens_rng.integers(*VOCAB, size=(conversations, turns, user_len)).tolist()
+    t, first = 0.0, []
+    for c in range(conversations):
+        t += rng.expovariate(rate)
+        tokens = system + user[c][0]
+        first.append(Req(t, tokens, output_len, _hashes(tokens), conversation=c, turn=0))
+    think = random.Random(seed + 1)
+
+    def follow_up(req: Req, answer: list[int], finished_at: float) -> Req | None:
+        turn = req.turn + 1
+        if turn >= turns:
+            return None
+        tokens = req.tokens + answer + user[req.conversation][turn]
+        return Req(finished_at + think.expovariate(1.0 / think_s), tokens, output_len, _hashes(tokens),
+                   conversation=req.conversation, turn=turn)
+
+    return Workload("multi_turn", first, follow_up)
+
+
+class HitBound:
+    """Hit rate with one infinite cache: every block any earlier prompt or answer filled is a hit."""
+
+    def __init__(self) -> None:
+        self.seen: set[int] = set()
+
+    def hit_tokens(self, req: Req) -> int:
+        usable = (len(req.tokens) - 1) // BLOCK  # vLLM recomputes the last prompt token
         n = 0
-        for h in r.hashes[:usable]:
-            if h not in seen:
+        for h in req.hashes[:usable]:
+            if h not in self.seen:
                 break
             n += 1
-        hits += n * BLOCK
-        total += len(r.tokens)
-        seen.update(r.hashes)
-    return hits / total
+        self.seen.update(req.hashes)
+        return n * BLOCK
+
+    def finished(self, req: Req, answer: list[int]) -> None:
+        self.seen.update(_hashes(req.tokens + answer))
 
 
 class RayPrefixAffinity:
@@ -90,19 +147,24 @@ class RayPrefixAffinity:
         return choice
 
 
-def simulate(policy: str, reqs: list[Req], replicas: int, engine: SimulatedEngineConfig, seed: int,
-             report_interval: float = 0.1) -> dict:
+def simulate(policy: str, workload: Workload, replicas: int, engine: SimulatedEngineConfig, seed: int,
+             report_interval: float = 0.1, routing: dict | None = None, warmup: float = 0.2) -> dict:
+    """Run one policy; latency and hit statistics skip the first `warmup` fraction of requests (cold caches)."""
     ids = [f"r{i:03d}" for i in range(replicas)]
     cores = {
-        rid: SimulatedEngineCore(engine, vocab_token_ids=list(range(10, 1000)), eos_token_id=None,
-                                 max_model_len=16384, engine_id=rid)
+        rid: SimulatedEngineCore(engine, vocab_token_ids=list(range(*VOCAB)), eos_token_id=None,
+                                 max_model_len=32768, engine_id=rid)
         for rid in ids
     }
     state = ClusterState(stale_after_s=10.0)
     for rid in ids:
         state.register(ReplicaInfo(replica_id=rid, model="m", block_size=BLOCK, num_gpu_blocks=engine.num_blocks))
-    scheduler = Scheduler(state, RoutingConfig(policy="prefix_aware" if policy == "ray" else policy, seed=seed))
+    config = RoutingConfig(**{**(routing or {}), "policy": "prefix_aware" if policy == "ray" else policy,
+                              "seed": seed})
+    scheduler = Scheduler(state, config)
     ray_router = RayPrefixAffinity(ids, seed) if policy == "ray" else None
+    bound = HitBound()
+    reqs: list[Req] = []
     events: list[tuple[float, int, str, object]] = []
     seq = 0
 
@@ -111,36 +173,46 @@ def simulate(policy: str, reqs: list[Req], replicas: int, engine: SimulatedEngin
         seq += 1
         heapq.heappush(events, (t, seq, kind, data))
 
-    for i, r in enumerate(reqs):
-        push(r.arrival, "arrive", i)
+    def add(req: Req) -> None:
+        reqs.append(req)
+        push(req.arrival, "arrive", len(reqs) - 1)
+
+    for r in workload.requests:
+        add(r)
     push(0.0, "report", None)
     busy = dict.fromkeys(ids, False)
-    inflight = dict.fromkeys(ids, 0)
-    decisions, meta = {}, {}
+    decisions: dict[int, object] = {}
+    routed: dict[int, RoutingRequest] = {}
     ttft: dict[int, float] = {}
     finish: dict[int, float] = {}
-    decision_times = []
+    cached: dict[int, int] = {}
+    bound_hits: dict[int, int] = {}
+    answers: dict[int, list[int]] = {}
+    decision_times: list[float] = []
+    reasons: dict[str, int] = {}
     served = dict.fromkeys(ids, 0)
-    remaining = len(reqs)
-    while events and remaining:
+    outstanding = len(reqs)
+    while events and outstanding:
         now, _, kind, data = heapq.heappop(events)
         if kind == "arrive":
             i = data
             r = reqs[i]
-            routing = RoutingRequest("m", r.hashes, len(r.tokens), BLOCK)
+            bound_hits[i] = bound.hit_tokens(r)
+            routing_request = RoutingRequest("m", r.hashes, len(r.tokens), BLOCK)
             t0 = time.perf_counter()
             if ray_router is not None:
                 replica = ray_router.choose(r, {k: cores[k].num_running + cores[k].num_waiting for k in ids}, now)
                 decision = None
             else:
-                decision = scheduler.schedule(routing, now)
+                decision = scheduler.schedule(routing_request, now)
                 replica = decision.replica_id
+                reasons[decision.reason] = reasons.get(decision.reason, 0) + 1
             decision_times.append(time.perf_counter() - t0)
             if decision is not None:
-                scheduler.on_dispatch(decision, routing, replica, now)
-            decisions[i], meta[i] = decision, (routing, replica)
+                scheduler.on_dispatch(decision, routing_request, replica, now)
+            decisions[i], routed[i] = decision, routing_request
             served[replica] += 1
-            inflight[replica] += 1
+            answers[i] = []
             cores[replica].add_request(EngineRequest(
                 request_id=str(i), model="m", prompt_token_ids=r.tokens,
                 sampling=SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0.0)), now)
@@ -154,16 +226,23 @@ def simulate(policy: str, reqs: list[Req], replicas: int, engine: SimulatedEngin
             end = now + result.duration
             for out in result.outputs:
                 i = int(out.request_id)
+                answers[i].extend(out.new_token_ids)
                 if i not in ttft:
                     ttft[i] = end - reqs[i].arrival
+                    cached[i] = out.num_cached_tokens
                     if decisions[i] is not None:
-                        scheduler.on_first_token(decisions[i], meta[i][0], rid, ttft[i])
+                        scheduler.on_first_token(decisions[i], routed[i], rid, ttft[i])
                 if out.finish_reason is not None:
                     finish[i] = end
-                    inflight[rid] -= 1
-                    remaining -= 1
+                    outstanding -= 1
                     if decisions[i] is not None:
-                        scheduler.on_finish(decisions[i], meta[i][0], rid, True)
+                        scheduler.on_finish(decisions[i], routed[i], rid, True)
+                    bound.finished(reqs[i], answers[i])
+                    nxt = workload.follow_up(reqs[i], answers[i], end) if workload.follow_up else None
+                    answers[i] = []
+                    if nxt is not None:
+                        add(nxt)
+                        outstanding += 1
             if core.has_work:
                 push(end, "step", rid)
             else:
@@ -176,53 +255,86 @@ def simulate(policy: str, reqs: list[Req], replicas: int, engine: SimulatedEngin
                     kv_cache_usage_perc=core.cache.usage), now)
             state.synced_at = now
             push(now + report_interval, "report", None)
-    t = np.array([ttft[i] for i in range(len(reqs))])
-    e2e = np.array([finish[i] - reqs[i].arrival for i in range(len(reqs))])
-    makespan = max(finish.values()) - reqs[0].arrival
-    hits = sum(c.counters.prefix_cache_hits for c in cores.values())
-    queries = sum(c.counters.prefix_cache_queries for c in cores.values())
+    by_arrival = sorted(range(len(reqs)), key=lambda i: reqs[i].arrival)
+    measured = by_arrival[int(len(reqs) * warmup):]
+    t = np.array([ttft[i] for i in measured])
+    e2e = np.array([finish[i] - reqs[i].arrival for i in measured])
+    prompt_tokens = sum(len(reqs[i].tokens) for i in measured)
+    makespan = max(finish.values()) - reqs[by_arrival[0]].arrival
     counts = np.array(list(served.values()))
     return {
-        "policy": policy,
+        "policy": policy, "workload": workload.name, "requests": len(reqs), "measured": len(measured),
         "ttft_p50": float(np.percentile(t, 50)), "ttft_p90": float(np.percentile(t, 90)),
         "ttft_p99": float(np.percentile(t, 99)), "e2e_p50": float(np.percentile(e2e, 50)),
+        "e2e_p90": float(np.percentile(e2e, 90)),
         "output_tok_s": sum(r.output_len for r in reqs) / makespan,
-        "hit_rate": hits / queries, "spread_max_over_mean": float(counts.max() / counts.mean()),
+        "hit_rate": sum(cached[i] for i in measured) / prompt_tokens,
+        "hit_upper_bound": sum(bound_hits[i] for i in measured) / prompt_tokens,
+        "spread_max_over_mean": float(counts.max() / counts.mean()),
+        "decision_p50_us": float(np.percentile(decision_times, 50) * 1e6),
         "decision_p99_us": float(np.percentile(decision_times, 99) * 1e6),
+        "reasons": reasons,
+        "ttft_model": scheduler.ttft_model.coefficients if ray_router is None else None,
     }
+
+
+def build_workload(a: argparse.Namespace, rate: float) -> Workload:
+    groups = a.groups or 32 * a.replicas
+    if a.workload == "shared_prefix":
+        return shared_prefix(groups, a.prompts_per_group, a.system_len, a.question_len, a.output_len, rate, a.seed)
+    if a.workload == "low_cache":
+        return shared_prefix(groups, a.prompts_per_group, 256, 2048, a.output_len, rate, a.seed, name="low_cache")
+    return multi_turn(a.conversations or 64 * a.replicas, a.turns, a.system_len, a.question_len, a.output_len,
+                      rate, a.think_s, a.seed)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--replicas", type=int, default=8)
-    p.add_argument("--rates", default="20,40,60", help="requests per second, comma separated")
-    p.add_argument("--requests", type=int, default=2000)
-    p.add_argument("--groups", type=int, default=256)
+    p.add_argument("--workload", choices=("shared_prefix", "low_cache", "multi_turn"), default="shared_prefix")
+    p.add_argument("--rates", default="60,80,100,120",
+                   help="requests per second (multi_turn: new conversations per second), comma separated")
+    p.add_argument("--groups", type=int, default=0, help="prefix groups (default 32 per replica)")
+    p.add_argument("--prompts-per-group", type=int, default=16)
     p.add_argument("--system-len", type=int, default=2048)
-    p.add_argument("--question-len", type=int, default=256)
+    p.add_argument("--question-len", type=int, default=256, help="question, or user turn, length")
     p.add_argument("--output-len", type=int, default=256)
-    p.add_argument("--num-blocks", type=int, default=4096)
-    p.add_argument("--policies", default="round_robin,power_of_two,ray,prefix_aware")
+    p.add_argument("--conversations", type=int, default=0, help="multi_turn: default 64 per replica")
+    p.add_argument("--turns", type=int, default=6)
+    p.add_argument("--think-s", type=float, default=5.0, help="multi_turn: mean think time between turns")
+    p.add_argument("--num-blocks", type=int, default=16384,
+                   help="KV blocks per engine (16384 x 16 tokens: an 8B model on one 80 GB GPU holds more)")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--warmup", type=float, default=0.2, help="fraction of requests (by arrival) not measured")
+    p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="write results here")
+    p.add_argument("--routing", default="{}", help="RoutingConfig overrides for our policy, as JSON")
+    p.add_argument("--json", help="append results to this JSON list")
     a = p.parse_args()
-    engine = SimulatedEngineConfig(num_blocks=a.num_blocks)
+    engine = SimulatedEngineConfig(num_blocks=a.num_blocks, max_num_seqs=a.max_num_seqs)
     rows = []
     for rate in [float(x) for x in a.rates.split(",")]:
-        reqs = shared_prefix(a.groups, max(1, a.requests // a.groups), a.system_len, a.question_len,
-                             a.output_len, rate, a.seed)
-        bound = upper_bound_hit_rate(reqs)
+        workload = build_workload(a, rate)
         for policy in a.policies.split(","):
-            row = {"rate": rate, "replicas": a.replicas, **simulate(policy, reqs, a.replicas, engine, a.seed),
-                   "hit_upper_bound": bound}
+            started = time.perf_counter()
+            row = {"rate": rate, "replicas": a.replicas, "num_blocks": a.num_blocks,
+                   **simulate(policy, workload, a.replicas, engine, a.seed, routing=json.loads(a.routing),
+                              warmup=a.warmup),
+                   "sim_wall_s": time.perf_counter() - started}
             rows.append(row)
-            print(f"rate {rate:6.1f}  {policy:13s} TTFT p50 {row['ttft_p50']:7.3f}s p90 {row['ttft_p90']:7.3f}s "
-                  f"p99 {row['ttft_p99']:7.3f}s  out {row['output_tok_s']:8.0f} tok/s  hit {row['hit_rate']:.3f} "
-                  f"(bound {bound:.3f})  spread {row['spread_max_over_mean']:.2f}  "
-                  f"decision p99 {row['decision_p99_us']:.0f}us", flush=True)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            print(f"{a.workload} x{a.replicas} rate {rate:6.1f} {policy:13s} TTFT p50 {row['ttft_p50']:7.3f}s "
+                  f"p90 {row['ttft_p90']:7.3f}s p99 {row['ttft_p99']:7.3f}s  e2e p50 {row['e2e_p50']:6.2f}s  "
+                  f"out {row['output_tok_s']:8.0f} tok/s  hit {row['hit_rate']:.3f} "
+                  f"(bound {row['hit_upper_bound']:.3f})  spread {row['spread_max_over_mean']:.2f}  "
+                  f"decision p99 {row['decision_p99_us']:.0f}us  [{row['sim_wall_s']:.0f}s]", flush=True)
+            if a.json:
+                try:
+                    with open(a.json) as f:
+                        existing = json.load(f)
+                except FileNotFoundError:
+                    existing = []
+                with open(a.json, "w") as f:
+                    json.dump([*existing, row], f, indent=1)
 
 
 if __name__ == "__main__":

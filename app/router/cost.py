@@ -26,6 +26,9 @@ class TTFTPrior(BaseModel):
     base_s: float = Field(default=0.01, ge=0, description="Fixed cost: routing hop plus one engine step.")
     per_prefill_token_s: float = Field(default=5e-5, ge=0, description="Seconds per prompt token to prefill.")
     per_running_request_s: float = Field(default=2e-3, ge=0, description="Seconds added per request in the batch.")
+    min_miss_fraction: float = Field(
+        default=0.5, ge=0, le=1, description="Floor of a cache miss's price, as a fraction of the prior."
+    )
     forgetting: float = Field(default=0.995, gt=0.9, le=1.0, description="RLS forgetting factor per observation.")
 
 
@@ -64,6 +67,16 @@ class TTFTModel:
     def prefill_seconds(self, tokens: np.ndarray) -> np.ndarray:
         """The token term alone: time to prefill this many tokens."""
         return max(float(self.theta[1]), 0.0) * (tokens / _TOKEN_SCALE)
+
+    def miss_seconds(self, tokens: np.ndarray) -> np.ndarray:
+        """What a cache miss of this many tokens costs, for pricing affinity.
+
+        Under heavy queueing TTFT is mostly waiting, and the fit can credit nearly all of it to load,
+        leaving the token coefficient near zero: misses would look free exactly when they hurt most.
+        So this price never drops below `min_miss_fraction` of the prior's per-token cost.
+        """
+        floor = self.prior.min_miss_fraction * self.prior.per_prefill_token_s * _TOKEN_SCALE
+        return max(float(self.theta[1]), floor) * (tokens / _TOKEN_SCALE)
 
     def observe(self, features: TTFTFeatures, ttft_s: float) -> None:
         if not np.isfinite(ttft_s) or ttft_s < 0:

@@ -141,12 +141,31 @@ class PrefixIndex:
             rows |= extra_rows[:, : rows.shape[1]]
         return self.prefix_lengths(rows)
 
+    def match_counts(self, hashes: Sequence[int], extra_rows: np.ndarray | None = None) -> np.ndarray | None:
+        """`match` as leading-block counts indexed by replica bit; None when no replica holds block 0."""
+        if not hashes:
+            return None
+        rows = self.block_rows(hashes)
+        if extra_rows is not None:
+            rows |= extra_rows[:, : rows.shape[1]]
+        return self._counts(rows)
+
     def prefix_lengths(self, rows: np.ndarray) -> dict[str, int]:
-        if not len(rows) or not rows[0].any():
+        counts = self._counts(rows)
+        if counts is None:
             return {}
-        held = np.bitwise_and.accumulate(rows, axis=0)
-        counts = np.unpackbits(held.view(np.uint8), axis=1, bitorder="little").sum(axis=0)
         return {rid: int(counts[bit]) for rid, bit in self._bits.items() if counts[bit]}
+
+    @staticmethod
+    def _counts(rows: np.ndarray) -> np.ndarray | None:
+        if not len(rows) or not rows[0].any():
+            return None
+        held = np.bitwise_and.accumulate(rows, axis=0)
+        # A prefix ends at the first block a replica lacks, so only the rows up to the last
+        # non-empty one matter; cutting there keeps long unmatched tails cheap.
+        nonempty = np.flatnonzero(held.any(axis=1))
+        held = held[: nonempty[-1] + 1]
+        return np.unpackbits(held.view(np.uint8), axis=1, bitorder="little").sum(axis=0)
 
     def bit_of(self, replica_id: str) -> int | None:
         return self._bits.get(replica_id)
@@ -154,6 +173,11 @@ class PrefixIndex:
     @property
     def words(self) -> int:
         return self._masks.shape[1]
+
+    @property
+    def num_keys(self) -> int:
+        """Distinct blocks held by at least one replica."""
+        return self._live
 
     def entries(self) -> int:
         """(block, replica) pairs held."""
@@ -265,51 +289,73 @@ class SpeculativeEntries:
 
     Kept apart from the index so that each guess can expire: engines that publish KV events
     confirm real blocks within milliseconds, and a guess nobody confirms is dropped after `ttl_s`.
+    Holders are kept per block as one int of the index's replica bits, since routing reads every
+    block of a matched prompt and must not loop over holders per block.
     """
 
-    def __init__(self, ttl_s: float = 5.0) -> None:
+    def __init__(self, index: PrefixIndex, ttl_s: float = 5.0) -> None:
+        self.index = index
         self.ttl_s = ttl_s
         self._expiry: dict[int, dict[str, float]] = {}
+        self._masks: dict[int, int] = {}
         self._queue: deque[tuple[float, str, tuple[int, ...]]] = deque()
 
     def __len__(self) -> int:
         return len(self._expiry)
 
     def add(self, replica_id: str, hashes: Sequence[int], now: float) -> None:
-        expiry = now + self.ttl_s
+        bit = self.index.bit_of(replica_id)
+        if bit is None:
+            return
+        expiry, flag = now + self.ttl_s, 1 << bit
+        masks = self._masks
         for h in hashes:
             self._expiry.setdefault(h, {})[replica_id] = expiry
+            masks[h] = masks.get(h, 0) | flag
         self._queue.append((expiry, replica_id, tuple(hashes)))
 
     def expire(self, now: float) -> None:
         while self._queue and self._queue[0][0] <= now:
             _, replica_id, hashes = self._queue.popleft()
+            bit = self.index.bit_of(replica_id)
+            keep = ~(1 << bit) if bit is not None else -1
             for h in hashes:
                 holders = self._expiry.get(h)
+                # A later guess for the same block and replica pushed its expiry out: keep it.
                 if holders and holders.get(replica_id, now + 1) <= now:
                     del holders[replica_id]
-                    if not holders:
+                    if holders:
+                        self._masks[h] &= keep
+                    else:
                         del self._expiry[h]
+                        del self._masks[h]
 
     def drop_replica(self, replica_id: str) -> None:
-        for h in [h for h, holders in self._expiry.items() if holders.pop(replica_id, None) and not holders]:
-            del self._expiry[h]
+        """Forget a replica's guesses; call before its index bit is released."""
+        bit = self.index.bit_of(replica_id)
+        keep = ~(1 << bit) if bit is not None else -1
+        for h in [h for h, holders in self._expiry.items() if holders.pop(replica_id, None)]:
+            if self._expiry[h]:
+                self._masks[h] &= keep
+            else:
+                del self._expiry[h]
+                del self._masks[h]
 
-    def rows(self, hashes: Sequence[int], index: PrefixIndex) -> np.ndarray | None:
-        """Replica bit rows (index's layout) of the speculated holders of each block; None if none."""
-        if not self._expiry:
+    def rows(self, hashes: Sequence[int]) -> np.ndarray | None:
+        """Replica bit rows (the index's layout) of the speculated holders of each block; None if none."""
+        if not self._masks:
             return None
-        rows: np.ndarray | None = None
-        for i, h in enumerate(hashes):
-            holders = self._expiry.get(h)
-            if not holders:
-                if i == 0:
-                    return None
+        masks: list[int] = []
+        get = self._masks.get
+        for h in hashes:
+            mask = get(h)
+            if not mask:
                 break  # a prefix cannot continue past a block nobody is guessed to hold
-            if rows is None:
-                rows = np.zeros((len(hashes), index.words), dtype=np.uint64)
-            for replica_id in holders:
-                bit = index.bit_of(replica_id)
-                if bit is not None:
-                    rows[i, bit >> 6] |= np.uint64(1 << (bit & 63))
+            masks.append(mask)
+        if not masks:
+            return None
+        words = self.index.words
+        rows = np.zeros((len(hashes), words), dtype=np.uint64)
+        for w in range(words):
+            rows[: len(masks), w] = [(m >> (64 * w)) & 0xFFFFFFFFFFFFFFFF for m in masks]
         return rows

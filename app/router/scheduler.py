@@ -39,18 +39,36 @@ class RoutingConfig(BaseModel):
 
     policy: Policy = Field(default="prefix_aware", description="Replica choice for each request.")
     guard_load_ratio: float = Field(
-        default=2.0, ge=1.0, description="A replica may carry at most this multiple of the least-loaded one's load..."
+        default=3.0, ge=1.0, description="A replica may carry at most this multiple of the least-loaded one's load..."
     )
-    guard_load_slack: int = Field(default=8, ge=0, description="...plus this many requests.")
+    guard_load_slack: int = Field(
+        default=16,
+        ge=0,
+        description="...plus this many requests. The guard is a backstop for a wrong cost model (a hot "
+        "prefix, a stale fit), not the load balancer: each request it moves recomputes its whole prefix, "
+        "so a tight guard turns ordinary Poisson bursts into cache misses (benchmarks/README.md).",
+    )
     saturated_kv_usage: float = Field(
-        default=0.98, gt=0, le=1, description="KV usage at which a replica with a queue counts as saturated."
+        default=1.0,
+        gt=0,
+        le=1,
+        description="KV usage at which a replica with a queue is skipped while others are not. At 1.0 only "
+        "a replica with every block in use is skipped: a lower threshold sends requests away from the "
+        "replicas that hold their prefix whenever caches run full, which is exactly when misses hurt most "
+        "(measured in benchmarks/README.md); the cost model already prices the queue.",
     )
     affinity_weight: float = Field(
-        default=0.5,
+        default=1.0,
         ge=0,
         description="Extra cost, as a fraction of their prefill time, for the prefix tokens a replica would "
-        "have to duplicate from the best holder. Predicted TTFT alone is myopic: it would split a group "
-        "across replicas as soon as the holder has one request queued, halving the cache.",
+        "have to duplicate from the best holder: 1 prices the duplicate at the compute it wastes (and the "
+        "copy evicts something else there).",
+    )
+    miss_externality: float = Field(
+        default=1.0,
+        ge=0,
+        description="Weight of the delay a request's uncached prefill imposes on the requests already "
+        "on a replica (their count x its prefill time). 0 ranks by the request's own TTFT alone.",
     )
     tie_quantum_s: float = Field(default=0.001, ge=0, description="Predicted TTFTs this close count as equal.")
     speculative_ttl_s: float = Field(default=5.0, gt=0, description="How long a routing-time guess stays.")
@@ -85,8 +103,28 @@ class Decision:
         return self.ranked[0]
 
 
-def _tiebreak(key: int, replica_id: str) -> int:
-    return xxhash.xxh3_64_intdigest(replica_id.encode(), seed=key & 0xFFFFFFFFFFFFFFFF)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def _rendezvous(key: int, id_hashes: np.ndarray) -> np.ndarray:
+    """splitmix64 of (replica id hash xor the prompt's key): a stable, uniform score per replica."""
+    z = id_hashes ^ np.uint64(key & 0xFFFFFFFFFFFFFFFF)
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+@dataclass(slots=True)
+class _Fleet:
+    """The candidates for one (model, roles), with what does not change between decisions."""
+
+    version: int
+    states: list[ReplicaState]
+    ids: list[str]
+    bits: np.ndarray
+    block_sizes: np.ndarray
+    id_hashes: np.ndarray
 
 
 class Scheduler:
@@ -97,23 +135,24 @@ class Scheduler:
         self._rng = random.Random(self.config.seed)
         self._round_robin = 0
         self._avg_uncached_tokens = 512.0
+        self._fleets: dict[tuple[str, tuple[ReplicaRole, ...]], _Fleet] = {}
 
     def schedule(self, request: RoutingRequest, now: float) -> Decision | None:
         """Rank the model's replicas for this request; None when none are known."""
-        candidates = sorted(self.state.candidates(request.model, request.roles), key=lambda s: s.replica_id)
-        if not candidates:
+        fleet = self._fleet(request.model, request.roles)
+        if not fleet.states:
             return None
         fresh = self.state.is_fresh(now)
-        matches = self.state.prefix_matches(request.block_hashes, now) if fresh else {}
+        blocks = self._prefix_blocks(fleet, request, now) if fresh else np.zeros(len(fleet.ids), dtype=np.int64)
         policy = self.config.policy
         if policy == "round_robin":
-            decision = self._round_robin_rank(candidates)
+            decision = self._round_robin_rank(fleet.states)
         elif policy in ("power_of_two", "ray_prefix_cache_affinity"):
-            decision = self._power_of_two_rank(candidates)
+            decision = self._power_of_two_rank(fleet.states)
         else:
-            decision = self._prefix_aware_rank(candidates, request, matches, fresh)
-        decision.matched_by_replica = matches
-        matched = self._matched_tokens(request, matches.get(decision.replica_id, 0))
+            decision = self._prefix_aware_rank(fleet, request, blocks, fresh)
+        decision.matched_by_replica = {fleet.ids[i]: int(blocks[i]) for i in np.flatnonzero(blocks)}
+        matched = self._matched_tokens(request, decision.matched_by_replica.get(decision.replica_id, 0))
         decision.matched_tokens = matched
         decision.uncached_tokens = request.num_prompt_tokens - matched
         self._avg_uncached_tokens += 0.05 * (decision.uncached_tokens - self._avg_uncached_tokens)
@@ -122,6 +161,33 @@ class Scheduler:
     def observe_ttft(self, decision: Decision, ttft_s: float) -> None:
         if decision.features is not None:
             self.ttft_model.observe(decision.features, ttft_s)
+
+    def _fleet(self, model: str, roles: tuple[ReplicaRole, ...]) -> _Fleet:
+        key = (model, roles)
+        fleet = self._fleets.get(key)
+        if fleet is None or fleet.version != self.state.membership_version:
+            states = sorted(self.state.candidates(model, roles), key=lambda s: s.replica_id)
+            ids = [s.replica_id for s in states]
+            index = self.state.index
+            fleet = _Fleet(
+                version=self.state.membership_version,
+                states=states,
+                ids=ids,
+                bits=np.array([index.bit_of(i) for i in ids], dtype=np.int64),
+                block_sizes=np.array([s.info.block_size for s in states], dtype=np.int64),
+                id_hashes=np.array([xxhash.xxh3_64_intdigest(i.encode()) for i in ids], dtype=np.uint64),
+            )
+            self._fleets[key] = fleet
+        return fleet
+
+    def _prefix_blocks(self, fleet: _Fleet, request: RoutingRequest, now: float) -> np.ndarray:
+        """Leading prompt blocks each candidate holds (0 where its block size differs from the request's)."""
+        counts = self.state.prefix_blocks_by_bit(request.block_hashes, now)
+        if counts is None:
+            return np.zeros(len(fleet.ids), dtype=np.int64)
+        blocks = counts[fleet.bits].astype(np.int64)
+        blocks[fleet.block_sizes != request.block_size] = 0
+        return blocks
 
     # -- policies ------------------------------------------------------------------------------
 
@@ -138,42 +204,37 @@ class Scheduler:
         return Decision(ranked=[c.replica_id for c in picks + rest], reason="baseline", policy="power_of_two")
 
     def _prefix_aware_rank(
-        self, candidates: list[ReplicaState], request: RoutingRequest, matches: dict[str, int], fresh: bool
+        self, fleet: _Fleet, request: RoutingRequest, blocks: np.ndarray, fresh: bool
     ) -> Decision:
         cfg = self.config
-        n = len(candidates)
+        n = len(fleet.states)
         prompt = request.num_prompt_tokens
-        matched = np.array(
+        signals = np.array(
             [
-                self._matched_tokens(request, matches.get(c.replica_id, 0))
-                if c.info.block_size == request.block_size
-                else 0
-                for c in candidates
+                (s.load, s.pending_prefill_tokens, s.stats.num_requests_waiting, s.stats.kv_cache_usage_perc)
+                for s in fleet.states
             ],
             dtype=np.float64,
-        )
-        load = np.array([c.load for c in candidates], dtype=np.float64)
-        ahead = np.array(
-            [
-                max(c.pending_prefill_tokens, c.stats.num_requests_waiting * self._avg_uncached_tokens)
-                for c in candidates
-            ],
-            dtype=np.float64,
-        )
+        ).reshape(n, 4)
+        load, pending, waiting, kv_usage = signals.T
+        matched = np.minimum(blocks * request.block_size, max(prompt - 1, 0)).astype(np.float64)
+        ahead = np.maximum(pending, waiting * self._avg_uncached_tokens)
         uncached = prompt - matched
         prefill = ahead + uncached
         ttft = self.ttft_model.predict_many(prefill, load)
         duplicated = matched.max() - matched
-        cost = ttft + cfg.affinity_weight * self.ttft_model.prefill_seconds(duplicated)
-
-        saturated = np.array(
-            [
-                fresh
-                and c.stats.kv_cache_usage_perc >= cfg.saturated_kv_usage
-                and c.stats.num_requests_waiting > 0
-                for c in candidates
-            ]
+        # The request's own TTFT is not the whole price of sending it somewhere. Its uncached prefill
+        # also stalls every request already on that replica (their decode steps share the batch,
+        # queued ones start later): `load` x that prefill time. Without this term a busy fleet
+        # spreads each group over every replica, hit rates fall, prefill work grows and queues grow
+        # further. Prefix it would duplicate from a holder also evicts something else there.
+        cost = (
+            ttft
+            + self.ttft_model.miss_seconds(uncached) * load * cfg.miss_externality
+            + self.ttft_model.miss_seconds(duplicated) * cfg.affinity_weight
         )
+
+        saturated = fresh & (kv_usage >= cfg.saturated_kv_usage) & (waiting > 0)
         all_saturated = bool(saturated.all())
         usable = ~saturated if not all_saturated else np.ones(n, dtype=bool)
         min_load = load[usable].min()
@@ -181,27 +242,17 @@ class Scheduler:
         eligible = usable & within_guard
 
         key = request.block_hashes[-1] if request.block_hashes else request.num_prompt_tokens
-        quantum = cfg.tie_quantum_s or 1e-12
-        order = sorted(
-            range(n),
-            key=lambda i: (
-                not eligible[i],
-                not usable[i],
-                int(cost[i] / quantum),
-                _tiebreak(key, candidates[i].replica_id),
-            ),
-        )
-        best = order[0]
-        unguarded_best = min(
-            (i for i in range(n) if usable[i]),
-            key=lambda i: (int(cost[i] / quantum), _tiebreak(key, candidates[i].replica_id)),
-        )
+        tiebreak = _rendezvous(key, fleet.id_hashes)
+        quantized = np.floor(cost / (cfg.tie_quantum_s or 1e-12)).astype(np.int64)
+        order = np.lexsort((tiebreak, quantized, ~usable, ~eligible))
+        best = int(order[0])
+        unguarded = np.lexsort((tiebreak, quantized, ~usable))[0]
         reason: Reason
         if not fresh:
             reason = "stale_state"
         elif all_saturated:
             reason = "all_saturated"
-        elif unguarded_best != best and not within_guard[unguarded_best]:
+        elif unguarded != best and not within_guard[unguarded]:
             reason = "guard"
         elif matched.max() <= 0:
             reason = "no_prefix"
@@ -210,7 +261,7 @@ class Scheduler:
         else:
             reason = "load"
         return Decision(
-            ranked=[candidates[i].replica_id for i in order],
+            ranked=[fleet.ids[i] for i in order],
             reason=reason,
             policy="prefix_aware",
             predicted_ttft_s=float(ttft[best]),

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.router.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
@@ -80,10 +81,12 @@ class ClusterState:
     def __init__(self, *, speculative_ttl_s: float = 5.0, stale_after_s: float = 2.0) -> None:
         self.replicas: dict[str, ReplicaState] = {}
         self.index = PrefixIndex()
-        self.speculative = SpeculativeEntries(speculative_ttl_s)
+        self.speculative = SpeculativeEntries(self.index, speculative_ttl_s)
         self.stale_after_s = stale_after_s
         self.synced_at = float("-inf")
         """When this copy last heard from the authority (the actor); the actor itself sets it always."""
+        self.membership_version = 0
+        """Bumped whenever a replica joins, leaves or changes, so callers can cache per-fleet views."""
 
     # -- membership ----------------------------------------------------------------------------
 
@@ -99,11 +102,13 @@ class ClusterState:
             pending_prefill_tokens=existing.pending_prefill_tokens,
         )
         self.index.add_replica(info.replica_id, info.num_gpu_blocks)
+        self.membership_version += 1
 
     def unregister(self, replica_id: str) -> None:
-        self.replicas.pop(replica_id, None)
+        if self.replicas.pop(replica_id, None) is not None:
+            self.membership_version += 1
+        self.speculative.drop_replica(replica_id)  # before the index frees the replica's bit
         self.index.remove_replica(replica_id)
-        self.speculative.drop_replica(replica_id)
 
     def retain(self, replica_ids: Iterable[str]) -> None:
         keep = set(replica_ids)
@@ -121,11 +126,25 @@ class ClusterState:
     def apply_kv_events(self, replica_id: str, events: Sequence[KVEvent]) -> None:
         if replica_id not in self.replicas:
             return
-        for event in events:
+        # Consecutive events of one kind are applied as one batch: the index pays per call, and an
+        # engine step publishes one event per request. Order between kinds is kept, so a block
+        # stored then removed ends up removed.
+        run: list[int] = []
+        run_kind: type | None = None
+        for event in [*events, None]:
+            kind = type(event) if event is not None else None
+            if run_kind is not None and kind is not run_kind:
+                if run_kind is BlockStored:
+                    self.index.add(replica_id, run)
+                else:
+                    self.index.remove(replica_id, run)
+                run, run_kind = [], None
             if isinstance(event, BlockStored):
-                self.index.add(replica_id, event.block_hashes)
+                run.extend(event.block_hashes)
+                run_kind = BlockStored
             elif isinstance(event, BlockRemoved):
-                self.index.remove(replica_id, event.block_hashes)
+                run.extend(event.block_hashes)
+                run_kind = BlockRemoved
             elif isinstance(event, AllBlocksCleared):
                 self.index.clear(replica_id)
 
@@ -151,7 +170,14 @@ class ClusterState:
         if not block_hashes:
             return {}
         self.speculative.expire(now)
-        return self.index.match(block_hashes, self.speculative.rows(block_hashes, self.index))
+        return self.index.match(block_hashes, self.speculative.rows(block_hashes))
+
+    def prefix_blocks_by_bit(self, block_hashes: Sequence[int], now: float) -> np.ndarray | None:
+        """`prefix_matches` as an array indexed by each replica's index bit; None when nobody matches."""
+        if not block_hashes:
+            return None
+        self.speculative.expire(now)
+        return self.index.match_counts(block_hashes, self.speculative.rows(block_hashes))
 
     def candidates(self, model: str, roles: Sequence[ReplicaRole] = ("mixed",)) -> list[ReplicaState]:
         return [s for s in self.replicas.values() if s.info.model == model and s.info.role in roles]

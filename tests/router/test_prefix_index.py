@@ -62,15 +62,34 @@ def test_grows_and_survives_many_replicas_and_churn():
     assert index.entries() == 20 * 50
 
 
-def test_speculative_entries_add_to_matches_and_expire():
+def speculation_on_two_replicas() -> tuple[PrefixIndex, SpeculativeEntries]:
     index = PrefixIndex()
     index.add_replica("a", 100)
     index.add_replica("b", 100)
-    spec = SpeculativeEntries(ttl_s=2.0)
+    return index, SpeculativeEntries(index, ttl_s=2.0)
+
+
+def test_speculative_entries_add_to_matches_and_expire():
+    index, spec = speculation_on_two_replicas()
     prompt = chain(6, 6)
     index.add("a", prompt[:2])
     spec.add("b", prompt, now=0.0)
-    assert index.match(prompt, spec.rows(prompt, index)) == {"a": 2, "b": 6}
+    assert index.match(prompt, spec.rows(prompt)) == {"a": 2, "b": 6}
     spec.expire(now=3.0)
-    assert spec.rows(prompt, index) is None
-    assert index.match(prompt, spec.rows(prompt, index)) == {"a": 2}
+    assert spec.rows(prompt) is None
+    assert index.match(prompt, spec.rows(prompt)) == {"a": 2}
+
+
+def test_speculative_guesses_are_refreshed_by_a_later_route_and_dropped_with_their_replica():
+    index, spec = speculation_on_two_replicas()
+    prompt = chain(7, 4)
+    spec.add("a", prompt, now=0.0)
+    spec.add("b", prompt, now=0.0)
+    spec.add("a", prompt, now=1.5)  # routed again: the guess lives on
+    spec.expire(now=2.5)
+    assert index.match(prompt, spec.rows(prompt)) == {"a": 4}
+    spec.drop_replica("a")
+    index.remove_replica("a")
+    index.add_replica("c", 100)  # takes the freed bit
+    assert spec.rows(prompt) is None
+    assert index.match(prompt, spec.rows(prompt)) == {}

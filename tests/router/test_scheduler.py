@@ -69,8 +69,13 @@ def test_load_spreads_when_the_prefix_holder_is_saturated():
 
 
 def test_guard_stops_affinity_from_piling_onto_one_replica():
-    # Make prefill so expensive that the cost model alone would keep choosing the holder.
-    s = fleet(ttft_prior={"per_prefill_token_s": 1.0, "per_running_request_s": 0.0}, guard_load_slack=4)
+    # Make recomputing the prefix so expensive, and queueing so cheap, that the cost model alone would
+    # keep choosing the holder.
+    s = fleet(
+        ttft_prior={"per_prefill_token_s": 1.0, "per_running_request_s": 0.0},
+        miss_externality=0.0,
+        guard_load_slack=4,
+    )
     holder = route(s, prompt(3, 0)).replica_id
     s.state.update_stats(holder, ReplicaStats(num_requests_running=10), now=0.0)
     d = s.schedule(prompt(3, 1), 0.0)
@@ -114,3 +119,54 @@ def test_ttft_model_calibrates_to_observed_latency():
     assert c["per_prefill_token_s"] == pytest.approx(2e-4, rel=0.05)
     assert c["per_running_request_s"] == pytest.approx(1e-3, rel=0.1)
     assert model.predict(TTFTFeatures(1000, 10)) == pytest.approx(0.23, rel=0.05)
+
+
+def busy_fleet(**config) -> Scheduler:
+    # Coefficients as the online fit finds them in overload (benchmarks/README.md): queueing dominates
+    # TTFT, so the fitted per-request cost is large and the per-token cost small.
+    config.setdefault("ttft_prior", {"base_s": 0.0, "per_prefill_token_s": 2.2e-5, "per_running_request_s": 0.144})
+    s = fleet(**config)
+    for i in range(4):
+        s.state.update_stats(f"r{i}", ReplicaStats(num_requests_running=30), now=0.0)
+    return s
+
+
+def test_a_busy_fleet_keeps_a_group_on_its_holder_rather_than_recomputing_its_prefix_elsewhere():
+    # A few more requests queued on the holder cost less than a 2048-token miss that would stall
+    # the 30 requests running on any other replica.
+    s = busy_fleet()
+    long_prompt = prompt(8, 0, system_blocks=128, question_blocks=16)
+    holder = route(s, long_prompt, first_token=True).replica_id
+    s.state.update_stats(holder, ReplicaStats(num_requests_running=34), now=0.0)
+    d = s.schedule(prompt(8, 1, system_blocks=128, question_blocks=16), 0.0)
+    assert d.replica_id == holder and d.reason == "prefix"
+    # Judged by its own TTFT alone, the request would leave the holder.
+    myopic = busy_fleet(miss_externality=0.0)
+    holder = route(myopic, long_prompt, first_token=True).replica_id
+    myopic.state.update_stats(holder, ReplicaStats(num_requests_running=34), now=0.0)
+    assert myopic.schedule(prompt(8, 1, system_blocks=128, question_blocks=16), 0.0).replica_id != holder
+
+
+def test_a_busy_holder_still_sheds_load_once_its_queue_outweighs_the_miss():
+    s = busy_fleet()
+    long_prompt = prompt(9, 0, system_blocks=128, question_blocks=16)
+    holder = route(s, long_prompt, first_token=True).replica_id
+    s.state.update_stats(holder, ReplicaStats(num_requests_running=40, num_requests_waiting=20), now=0.0)
+    d = s.schedule(prompt(9, 1, system_blocks=128, question_blocks=16), 0.0)
+    assert d.replica_id != holder and d.reason == "load"
+
+
+def test_a_full_cache_alone_does_not_push_a_group_off_its_holder():
+    # vLLM reports KV usage near 1 whenever its batch is large; that is not a reason to recompute a
+    # prefix elsewhere as long as the queue is short.
+    s = fleet()
+    holder = route(s, prompt(10, 0), first_token=True).replica_id
+    for i in range(4):
+        s.state.update_stats(f"r{i}", ReplicaStats(num_requests_running=4, kv_cache_usage_perc=0.5), now=0.0)
+    s.state.update_stats(holder, ReplicaStats(num_requests_running=4, num_requests_waiting=1,
+                                              kv_cache_usage_perc=0.99), now=0.0)
+    assert s.schedule(prompt(10, 1), 0.0).replica_id == holder
+    # Every block in use with a queue: the replica cannot admit the request at all.
+    s.state.update_stats(holder, ReplicaStats(num_requests_running=4, num_requests_waiting=1,
+                                              kv_cache_usage_perc=1.0), now=0.0)
+    assert s.schedule(prompt(10, 1), 0.0).replica_id != holder
