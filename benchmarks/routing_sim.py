@@ -158,7 +158,8 @@ def simulate(policy: str, workload: Workload, replicas: int, engine: SimulatedEn
     }
     state = ClusterState(stale_after_s=10.0)
     for rid in ids:
-        state.register(ReplicaInfo(replica_id=rid, model="m", block_size=BLOCK, num_gpu_blocks=engine.num_blocks))
+        state.register(ReplicaInfo(replica_id=rid, model="m", block_size=BLOCK, num_gpu_blocks=engine.num_blocks,
+                                   max_num_seqs=engine.max_num_seqs))
     config = RoutingConfig(**{**(routing or {}), "policy": "prefix_aware" if policy == "ray" else policy,
                               "seed": seed})
     scheduler = Scheduler(state, config)

@@ -11,5 +11,5 @@ sim sim-x8-shared-prefix       --replicas 8   --workload shared_prefix --rates 4
 sim sim-x8-low-cache           --replicas 8   --workload low_cache     --rates 30,50,70
 sim sim-x8-multi-turn          --replicas 8   --workload multi_turn    --rates 8,16,24
 sim sim-x8-shared-prefix-tight --replicas 8   --workload shared_prefix --rates 60,80 --num-blocks 4096
-sim sim-x32-shared-prefix      --replicas 32  --workload shared_prefix --rates 240,400,480
-sim sim-x128-shared-prefix     --replicas 128 --workload shared_prefix --rates 960,1600 --groups 2048
+sim sim-x32-shared-prefix      --replicas 32  --workload shared_prefix --rates 240,320,400
+sim sim-x128-shared-prefix     --replicas 128 --workload shared_prefix --rates 1280,1600 --groups 1024

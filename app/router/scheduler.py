@@ -125,6 +125,8 @@ class _Fleet:
     bits: np.ndarray
     block_sizes: np.ndarray
     id_hashes: np.ndarray
+    batch_capacity: np.ndarray
+    """Each engine's max_num_seqs (infinite where unknown)."""
 
 
 class Scheduler:
@@ -176,6 +178,9 @@ class Scheduler:
                 bits=np.array([index.bit_of(i) for i in ids], dtype=np.int64),
                 block_sizes=np.array([s.info.block_size for s in states], dtype=np.int64),
                 id_hashes=np.array([xxhash.xxh3_64_intdigest(i.encode()) for i in ids], dtype=np.uint64),
+                batch_capacity=np.array(
+                    [s.info.max_num_seqs or np.inf for s in states], dtype=np.float64
+                ),
             )
             self._fleets[key] = fleet
         return fleet
@@ -221,7 +226,8 @@ class Scheduler:
         ahead = np.maximum(pending, waiting * self._avg_uncached_tokens)
         uncached = prompt - matched
         prefill = ahead + uncached
-        ttft = self.ttft_model.predict_many(prefill, load)
+        queued = np.maximum(load - fleet.batch_capacity, 0.0)
+        ttft = self.ttft_model.predict_many(prefill, load, queued)
         duplicated = matched.max() - matched
         # The request's own TTFT is not the whole price of sending it somewhere. Its uncached prefill
         # also stalls every request already on that replica (their decode steps share the batch,
@@ -265,7 +271,9 @@ class Scheduler:
             reason=reason,
             policy="prefix_aware",
             predicted_ttft_s=float(ttft[best]),
-            features=TTFTFeatures(prefill_tokens=float(prefill[best]), load=float(load[best])),
+            features=TTFTFeatures(
+                prefill_tokens=float(prefill[best]), load=float(load[best]), queued=float(queued[best])
+            ),
         )
 
     @staticmethod

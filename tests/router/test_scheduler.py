@@ -112,13 +112,16 @@ def test_unknown_model_has_no_candidates():
 def test_ttft_model_calibrates_to_observed_latency():
     model = TTFTModel()
     rng = random.Random(0)
-    for _ in range(300):
-        f = TTFTFeatures(prefill_tokens=rng.uniform(0, 4000), load=rng.uniform(0, 30))
-        model.observe(f, 0.02 + 2e-4 * f.prefill_tokens + 1e-3 * f.load)
+    for _ in range(1000):
+        load = rng.uniform(0, 30)
+        f = TTFTFeatures(prefill_tokens=rng.uniform(0, 4000), load=load, queued=max(0.0, load - 16))
+        model.observe(f, 0.02 + 2e-4 * f.prefill_tokens + 1e-3 * f.load + 0.05 * f.queued)
     c = model.coefficients
     assert c["per_prefill_token_s"] == pytest.approx(2e-4, rel=0.05)
     assert c["per_running_request_s"] == pytest.approx(1e-3, rel=0.1)
+    assert c["per_queued_request_s"] == pytest.approx(0.05, rel=0.1)
     assert model.predict(TTFTFeatures(1000, 10)) == pytest.approx(0.23, rel=0.05)
+    assert model.predict(TTFTFeatures(1000, 20, queued=4)) == pytest.approx(0.44, rel=0.05)
 
 
 def busy_fleet(**config) -> Scheduler:
