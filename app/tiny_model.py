@@ -31,6 +31,12 @@ class TinyLlamaSpec(BaseModel):
     num_attention_heads: int = Field(default=4, ge=1)
     num_key_value_heads: int = Field(default=2, ge=1)
     max_position_embeddings: int = Field(default=4096, ge=16)
+    init_std: float = Field(
+        default=0.5,
+        gt=0,
+        description="Std of the random weights. Large enough that each next token depends on the context "
+        "(at the usual 0.02 the model repeats one token forever, which would hide a misplaced KV block).",
+    )
     seed: int = 0
 
     @property
@@ -43,7 +49,7 @@ def _weights(spec: TinyLlamaSpec, vocab_size: int) -> dict[str, np.ndarray]:
     h, i, kv = spec.hidden_size, spec.intermediate_size, spec.num_key_value_heads * spec.head_dim
 
     def normal(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape) * 0.02).astype(np.float32)
+        return (rng.standard_normal(shape) * spec.init_std).astype(np.float32)
 
     tensors = {"model.embed_tokens.weight": normal(vocab_size, h), "model.norm.weight": np.ones(h, np.float32)}
     for layer in range(spec.num_hidden_layers):
