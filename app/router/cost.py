@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 # Features are scaled to similar magnitudes so one forgetting factor suits all three.
 _TOKEN_SCALE = 1000.0
 _LOAD_SCALE = 10.0
+_MAX_COVARIANCE_TRACE = 40.0
 
 
 class TTFTPrior(BaseModel):
@@ -97,9 +98,15 @@ class TTFTModel:
         px = self._p @ x
         gain = px / (lam + x @ px)
         self.theta = self.theta + gain * (ttft_s - self.theta @ x)
-        self._p = (self._p - np.outer(gain, px)) / lam
-        # Keep P bounded when traffic stops exciting a direction (e.g. always-empty queues).
-        np.clip(self._p, -1e3, 1e3, out=self._p)
+        p = (self._p - np.outer(gain, px)) / lam
+        p = (p + p.T) / 2  # rounding must not make it lose symmetry
+        # With forgetting, P grows without bound along directions traffic does not excite (a queue
+        # that is always empty), and the first observation that does excite one then moves the fit
+        # wildly. Scaling the whole matrix down keeps it positive definite; clipping entries would not.
+        trace = float(np.trace(p))
+        if trace > _MAX_COVARIANCE_TRACE:
+            p *= _MAX_COVARIANCE_TRACE / trace
+        self._p = p
         self.observations += 1
 
     @property
