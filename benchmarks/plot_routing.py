@@ -27,7 +27,7 @@ LABELS = {
 }
 DEFAULT_FILES = [
     "sim-x8-shared-prefix", "sim-x32-shared-prefix", "sim-x128-shared-prefix", "sim-x8-multi-turn",
-    "sim-x8-low-cache", "live-x8-shared-prefix",
+    "sim-x8-shared-prefix-tight", "sim-x8-low-cache", "live-x8-shared-prefix",
 ]
 
 
