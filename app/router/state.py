@@ -165,15 +165,9 @@ class ClusterState:
     def is_fresh(self, now: float) -> bool:
         return now - self.synced_at <= self.stale_after_s
 
-    def prefix_matches(self, block_hashes: Sequence[int], now: float) -> dict[str, int]:
-        """Leading blocks of the prompt held (or just sent) per replica."""
-        if not block_hashes:
-            return {}
-        self.speculative.expire(now)
-        return self.index.match(block_hashes, self.speculative.rows(block_hashes))
-
     def prefix_blocks_by_bit(self, block_hashes: Sequence[int], now: float) -> np.ndarray | None:
-        """`prefix_matches` as an array indexed by each replica's index bit; None when nobody matches."""
+        """Leading blocks of the prompt each replica holds (or was just sent), indexed by the replica's
+        index bit; None when nobody holds the first block."""
         if not block_hashes:
             return None
         self.speculative.expire(now)
