@@ -76,10 +76,6 @@ class TTFTModel:
         c0, c1, c2, c3 = np.maximum(self.theta, 0.0)
         return c0 + c1 * (prefill_tokens / _TOKEN_SCALE) + c2 * (load / _LOAD_SCALE) + c3 * (queued / _LOAD_SCALE)
 
-    def prefill_seconds(self, tokens: np.ndarray) -> np.ndarray:
-        """The token term alone: time to prefill this many tokens."""
-        return max(float(self.theta[1]), 0.0) * (tokens / _TOKEN_SCALE)
-
     def miss_seconds(self, tokens: np.ndarray) -> np.ndarray:
         """What a cache miss of this many tokens costs, for pricing affinity.
 

@@ -134,12 +134,10 @@ class PrefixIndex:
 
         `extra_rows` (same shape as `block_rows`) adds replica bits from elsewhere, e.g. speculation.
         """
-        if not hashes:
+        counts = self.match_counts(hashes, extra_rows)
+        if counts is None:
             return {}
-        rows = self.block_rows(hashes)
-        if extra_rows is not None:
-            rows |= extra_rows[:, : rows.shape[1]]
-        return self.prefix_lengths(rows)
+        return {rid: int(counts[bit]) for rid, bit in self._bits.items() if counts[bit]}
 
     def match_counts(self, hashes: Sequence[int], extra_rows: np.ndarray | None = None) -> np.ndarray | None:
         """`match` as leading-block counts indexed by replica bit; None when no replica holds block 0."""
@@ -148,23 +146,12 @@ class PrefixIndex:
         rows = self.block_rows(hashes)
         if extra_rows is not None:
             rows |= extra_rows[:, : rows.shape[1]]
-        return self._counts(rows)
-
-    def prefix_lengths(self, rows: np.ndarray) -> dict[str, int]:
-        counts = self._counts(rows)
-        if counts is None:
-            return {}
-        return {rid: int(counts[bit]) for rid, bit in self._bits.items() if counts[bit]}
-
-    @staticmethod
-    def _counts(rows: np.ndarray) -> np.ndarray | None:
-        if not len(rows) or not rows[0].any():
+        if not rows[0].any():
             return None
         held = np.bitwise_and.accumulate(rows, axis=0)
         # A prefix ends at the first block a replica lacks, so only the rows up to the last
         # non-empty one matter; cutting there keeps long unmatched tails cheap.
-        nonempty = np.flatnonzero(held.any(axis=1))
-        held = held[: nonempty[-1] + 1]
+        held = held[: np.flatnonzero(held.any(axis=1))[-1] + 1]
         return np.unpackbits(held.view(np.uint8), axis=1, bitorder="little").sum(axis=0)
 
     def bit_of(self, replica_id: str) -> int | None:
