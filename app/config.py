@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from app.engines.simulated.config import SimulatedEngineConfig
+from app.engines.vllm.config import VLLMEngineConfig
 from app.router.scheduler import RoutingConfig
 from app.tokenizer import BUILTIN_TOKENIZER_DIR
 
@@ -26,14 +27,24 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-# One engine kind today; real vLLM joins this as a union discriminated by `kind`.
-EngineConfig = SimulatedEngineConfig
+def _engine_kind(value: Any) -> str:
+    # `kind` may be left out: an engine section without it is the simulator, as before vLLM existed.
+    if isinstance(value, dict):
+        return str(value.get("kind", "simulated"))
+    return str(getattr(value, "kind", "simulated"))
+
+
+_ENGINE_KINDS = ("simulated", "vllm")
+EngineConfig = Annotated[
+    Annotated[SimulatedEngineConfig, Tag("simulated")] | Annotated[VLLMEngineConfig, Tag("vllm")],
+    Discriminator(_engine_kind),
+]
 
 
 class EngineDeploymentConfig(_Strict):
     """How one model's engine replicas run on Ray Serve."""
 
-    num_replicas: int = Field(default=2, ge=1)
+    num_replicas: int = Field(default=2, ge=0)
     max_ongoing_requests: int = Field(
         default=256, ge=1, description="Requests one replica takes at once; the engine queues beyond its batch."
     )
@@ -50,21 +61,103 @@ class EngineDeploymentConfig(_Strict):
     health_check_period_s: float = Field(default=5.0, gt=0)
 
 
+# Keys a role may not change: the router hashes prompts once per model, for every role alike.
+_SHARED_ENGINE_KEYS = ("kind", "model", "block_size", "hash_algo", "hash_seed", "enable_prefix_caching")
+
+
+class EngineGroupConfig(EngineDeploymentConfig):
+    """One role's engine replicas: their own count, resources and placement, and engine settings."""
+
+    num_replicas: int = Field(default=1, ge=1)
+    engine_overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Engine settings for this role only, over the model's `engine` (for example "
+        "max_num_batched_tokens for prefill, max_num_seqs for decode).",
+    )
+
+    @field_validator("engine_overrides")
+    @classmethod
+    def _shared_keys_fixed(cls, value: dict[str, Any]) -> dict[str, Any]:
+        fixed = sorted(set(value) & set(_SHARED_ENGINE_KEYS))
+        if fixed:
+            raise ValueError(f"{', '.join(fixed)} must be the same for every role; set it in the model's engine")
+        return value
+
+
+class DisaggregationConfig(_Strict):
+    """Prefill/decode split: prefill engines compute prompts, decode engines pull the KV cache and generate."""
+
+    prefill: EngineGroupConfig = Field(default_factory=EngineGroupConfig)
+    decode: EngineGroupConfig = Field(default_factory=EngineGroupConfig)
+    min_split_tokens: int = Field(
+        default=256,
+        ge=0,
+        description="Split only when the chosen decode replica would have to compute more than this many "
+        "prompt tokens (its prefix cache holds the rest); shorter or mostly cached prompts go straight to it.",
+    )
+    prefill_timeout_s: float = Field(
+        default=30.0, gt=0, description="A prefill slower than this is given up; the decode replica computes it."
+    )
+
+
 class ModelConfig(_Strict):
     """One served model: its names, tokenizer, engine and replicas."""
 
     name: str = Field(min_length=1, description="The name clients put in `model`.")
     aliases: list[str] = Field(default_factory=list, description="Other names that resolve to this model.")
     tokenizer: Path | None = Field(
-        default=None, description="Folder with tokenizer.json (and tokenizer_config.json); default: built in."
+        default=None,
+        description="Folder with tokenizer.json (and tokenizer_config.json); default: a vLLM engine's model "
+        "folder when it has one, else the built-in tokenizer.",
     )
     max_model_len: int = Field(default=4096, ge=16, description="Context length: prompt plus completion.")
     engine: EngineConfig = Field(default_factory=SimulatedEngineConfig)
-    deployment: EngineDeploymentConfig = Field(default_factory=EngineDeploymentConfig)
+    deployment: EngineDeploymentConfig = Field(
+        default_factory=EngineDeploymentConfig,
+        description="The mixed engine replicas (no split). With `disaggregation`, 0 replicas is allowed.",
+    )
+    disaggregation: DisaggregationConfig | None = None
+
+    def engine_for(self, role: str) -> SimulatedEngineConfig | VLLMEngineConfig:
+        """The engine settings of one role: the model's engine with the role's overrides."""
+        group = self.group(role)
+        if not isinstance(group, EngineGroupConfig) or not group.engine_overrides:
+            return self.engine
+        return type(self.engine).model_validate({**self.engine.model_dump(), **group.engine_overrides})
+
+    def group(self, role: str) -> EngineDeploymentConfig:
+        if role == "mixed":
+            return self.deployment
+        if self.disaggregation is None:
+            raise ValueError(f"model {self.name!r} has no {role} engines (no disaggregation section)")
+        return self.disaggregation.prefill if role == "prefill" else self.disaggregation.decode
+
+    @property
+    def roles(self) -> list[str]:
+        """The engine roles this model runs, each its own Serve deployment."""
+        roles = ["mixed"] if self.deployment.num_replicas > 0 else []
+        return roles + (["prefill", "decode"] if self.disaggregation is not None else [])
+
+    @model_validator(mode="after")
+    def _has_engines(self) -> ModelConfig:
+        if self.deployment.num_replicas == 0 and self.disaggregation is None:
+            raise ValueError("deployment.num_replicas is 0 and there is no disaggregation: no engine would serve")
+        if self.disaggregation is not None:
+            for role in ("prefill", "decode"):
+                try:
+                    self.engine_for(role)  # overrides must make a valid engine config
+                except ValidationError as error:
+                    problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+                    raise ValueError(f"disaggregation.{role}.engine_overrides: {problems}") from None
+        return self
 
     @property
     def tokenizer_dir(self) -> Path:
-        return self.tokenizer or BUILTIN_TOKENIZER_DIR
+        if self.tokenizer is not None:
+            return self.tokenizer
+        if isinstance(self.engine, VLLMEngineConfig) and self.engine.tokenizer_dir is not None:
+            return self.engine.tokenizer_dir
+        return BUILTIN_TOKENIZER_DIR
 
     @field_validator("tokenizer")
     @classmethod
@@ -186,7 +279,10 @@ class ServeConfigFile(_Strict):
 def describe(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        # Pydantic puts the union member's tag (`engine.vllm.x`) in the path; users wrote `engine.x`.
+        parts = [str(part) for i, part in enumerate(item["loc"])
+                 if not (i and item["loc"][i - 1] == "engine" and part in _ENGINE_KINDS)]
+        where = ".".join(parts) or "(top level)"
         if item["type"] == "extra_forbidden":
             lines.append(f"  {where}: unknown key (check its spelling and level)")
         else:

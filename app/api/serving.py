@@ -28,9 +28,13 @@ from app.api.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
+    ChatLogprobs,
     ChatMessage,
+    ChatTokenLogprob,
+    ChatTopLogprob,
     CompletionChoice,
     CompletionChunk,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     ModelCard,
@@ -38,7 +42,7 @@ from app.api.protocol import (
     PromptTokensDetails,
     Usage,
 )
-from app.engines.protocol import EngineOutput, EngineRequest, EngineRequestRejected, SamplingParams
+from app.engines.protocol import EngineOutput, EngineRequest, EngineRequestRejected, SamplingParams, TokenLogprob
 from app.router.admission import InflightLimit
 from app.router.hashing import BlockHasher, get_hasher
 from app.router.models import ModelEntry, ModelRegistry, UnknownModelError
@@ -77,6 +81,7 @@ class _Prepared:
     model: ServedModel
     engine_request: EngineRequest
     include_usage: bool
+    wants_logprobs: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -91,10 +96,12 @@ class _Result:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     def add(self, output: EngineOutput) -> None:
         self.text += output.text
         self.num_output_tokens += len(output.token_ids)
+        self.logprobs.extend(output.logprobs or [])
         self.num_prompt_tokens = output.num_prompt_tokens or self.num_prompt_tokens
         self.num_cached_tokens = output.num_cached_tokens or self.num_cached_tokens
         self.finish_reason = output.finish_reason
@@ -149,6 +156,7 @@ class OpenAIServing:
                 created=prepared.created,
                 model=prepared.model.name,
                 choices=[ChatChoice(message=AssistantMessage(content=result.text),
+                                    logprobs=_chat_logprobs(result.logprobs) if prepared.wants_logprobs else None,
                                     finish_reason=result.finish_reason)],
                 usage=usage,
             )
@@ -156,7 +164,11 @@ class OpenAIServing:
             id=prepared.request_id,
             created=prepared.created,
             model=prepared.model.name,
-            choices=[CompletionChoice(text=result.text, finish_reason=result.finish_reason)],
+            choices=[CompletionChoice(
+                text=result.text,
+                logprobs=_completion_logprobs(result.logprobs, 0) if prepared.wants_logprobs else None,
+                finish_reason=result.finish_reason,
+            )],
             usage=usage,
         )
 
@@ -173,9 +185,10 @@ class OpenAIServing:
             if endpoint == "chat":
                 yield chunks.chat(ChatDelta(role="assistant", content=""))
             async for output in outputs:
+                text_offset = len(result.text)
                 result.add(output)
-                if output.text or output.finished:
-                    yield chunks.piece(output.text, None)
+                if output.text or output.finished or output.logprobs:
+                    yield chunks.piece(output.text, None, output.logprobs, text_offset)
                 if output.finished:
                     yield chunks.piece(None, output.finish_reason)
         if prepared.include_usage:
@@ -204,6 +217,7 @@ class OpenAIServing:
             _reject_unsupported_chat(request)
             prompt = self._chat_prompt(model, request.messages)
             max_tokens = request.max_completion_tokens or request.max_tokens
+            logprobs = (request.top_logprobs or 0) if request.logprobs else None
         else:
             assert isinstance(request, CompletionRequest)
             _reject_unsupported_completion(request)
@@ -211,6 +225,7 @@ class OpenAIServing:
             max_tokens = request.max_tokens or min(
                 DEFAULT_COMPLETION_MAX_TOKENS, max(model.max_model_len - len(prompt), 1)
             )
+            logprobs = request.logprobs
         if request.n != 1:
             raise bad_request("only n=1 is supported; send one request per choice", param="n")
         max_tokens = self._check_length(model, len(prompt), max_tokens)
@@ -228,10 +243,12 @@ class OpenAIServing:
                 stop=request.stop_strings,
                 stop_token_ids=request.stop_token_ids or [],
                 ignore_eos=request.ignore_eos,
+                logprobs=logprobs,
             ),
             priority=request.priority,
         )
-        return _Prepared(endpoint, model, engine_request, include_usage=request.include_usage)
+        return _Prepared(endpoint, model, engine_request, include_usage=request.include_usage,
+                         wants_logprobs=logprobs is not None)
 
     def _resolve(self, requested: str) -> ServedModel:
         try:
@@ -351,12 +368,17 @@ class OpenAIServing:
                     if first and output.token_ids:
                         first = False
                         metrics.ttft.labels(name).observe(time.monotonic() - started)
+                    if output.finished:
+                        # Real vLLM reports cached prompt tokens only with the final usage.
                         metrics.prompt_tokens.labels(name).inc(output.num_prompt_tokens)
                         metrics.cached_prompt_tokens.labels(name).inc(output.num_cached_tokens)
                     generation_tokens.inc(len(output.token_ids))
                     yield output
         except EngineRequestRejected as error:
-            raise bad_request(str(error), param="messages" if prepared.endpoint == "chat" else "prompt") from None
+            # Through Ray the exception arrives wrapped; its `cause` is the engine's own.
+            cause = getattr(error, "cause", None) or error
+            default_param = "messages" if prepared.endpoint == "chat" else "prompt"
+            raise bad_request(str(cause), param=getattr(cause, "param", None) or default_param) from None
 
 
 class _ChunkFactory:
@@ -366,20 +388,31 @@ class _ChunkFactory:
         self._p = prepared
         self._usage_field: dict[str, Any] = {"usage": None} if prepared.include_usage else {}
 
-    def chat(self, delta: ChatDelta, finish_reason: str | None = None) -> ChatCompletionChunk:
+    def chat(
+        self, delta: ChatDelta, finish_reason: str | None = None, logprobs: ChatLogprobs | None = None
+    ) -> ChatCompletionChunk:
         p = self._p
         return ChatCompletionChunk(
             id=p.request_id, created=p.created, model=p.model.name,
-            choices=[ChatChunkChoice(delta=delta, finish_reason=finish_reason)], **self._usage_field,
+            choices=[ChatChunkChoice(delta=delta, logprobs=logprobs, finish_reason=finish_reason)],
+            **self._usage_field,
         )
 
-    def piece(self, text: str | None, finish_reason: str | None) -> BaseModel:
+    def piece(
+        self, text: str | None, finish_reason: str | None,
+        logprobs: list[TokenLogprob] | None = None, text_offset: int = 0,
+    ) -> BaseModel:
         p = self._p
+        wanted = p.wants_logprobs and logprobs is not None
         if p.endpoint == "chat":
-            return self.chat(ChatDelta(content=text) if text is not None else ChatDelta(), finish_reason)
+            delta = ChatDelta(content=text) if text is not None else ChatDelta()
+            return self.chat(delta, finish_reason, _chat_logprobs(logprobs or []) if wanted else None)
+        choice = CompletionChoice(
+            text=text or "", finish_reason=finish_reason,
+            logprobs=_completion_logprobs(logprobs or [], text_offset) if wanted else None,
+        )
         return CompletionChunk(
-            id=p.request_id, created=p.created, model=p.model.name,
-            choices=[CompletionChoice(text=text or "", finish_reason=finish_reason)], **self._usage_field,
+            id=p.request_id, created=p.created, model=p.model.name, choices=[choice], **self._usage_field,
         )
 
     def usage(self, usage: Usage) -> BaseModel:
@@ -388,9 +421,34 @@ class _ChunkFactory:
         return chunk_type(id=p.request_id, created=p.created, model=p.model.name, choices=[], usage=usage)
 
 
+def _chat_logprobs(entries: Sequence[TokenLogprob]) -> ChatLogprobs:
+    def utf8(token: str) -> list[int]:
+        return list(token.encode("utf-8", errors="replace"))
+
+    return ChatLogprobs(content=[
+        ChatTokenLogprob(
+            token=entry.token, logprob=entry.logprob, bytes=utf8(entry.token),
+            top_logprobs=[ChatTopLogprob(token=t.token, logprob=t.logprob, bytes=utf8(t.token))
+                          for t in entry.top_logprobs],
+        )
+        for entry in entries
+    ])
+
+
+def _completion_logprobs(entries: Sequence[TokenLogprob], text_offset: int) -> CompletionLogprobs:
+    out = CompletionLogprobs()
+    for entry in entries:
+        out.tokens.append(entry.token)
+        out.token_logprobs.append(entry.logprob)
+        out.top_logprobs.append({t.token: t.logprob for t in entry.top_logprobs})
+        out.text_offset.append(text_offset)
+        text_offset += len(entry.token)
+    return out
+
+
 def _reject_unsupported_chat(request: ChatCompletionRequest) -> None:
-    if request.logprobs or request.top_logprobs:
-        raise bad_request("logprobs are not supported by this gateway yet", param="logprobs")
+    if request.top_logprobs is not None and not request.logprobs:
+        raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
     if request.tools:
         raise bad_request("tool calling is not supported by this gateway yet", param="tools")
     if request.response_format and request.response_format.get("type", "text") != "text":
@@ -400,8 +458,6 @@ def _reject_unsupported_chat(request: ChatCompletionRequest) -> None:
 def _reject_unsupported_completion(request: CompletionRequest) -> None:
     if request.echo:
         raise bad_request("echo is not supported by this gateway yet", param="echo")
-    if request.logprobs is not None:
-        raise bad_request("logprobs are not supported by this gateway yet", param="logprobs")
     if request.suffix:
         raise bad_request("suffix is not supported", param="suffix")
     if request.best_of not in (None, 1):

@@ -1,7 +1,7 @@
 """Builds the Serve application from a GatewayConfig; `serve run` imports `build_app`.
 
-Deployment names: `ingress`, and `engine-<model>` per served model (use them in a config's
-`deployments:` overrides).
+Deployment names: `ingress`; per served model `engine-<model>` (mixed engines) and, with
+disaggregation, `prefill-<model>` and `decode-<model>` (use them in a config's `deployments:` overrides).
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ from app.config import GatewayConfig, ModelConfig, parse_gateway_config
 from app.deployments.engine import EngineServer
 from app.deployments.ingress import OpenAIIngress
 
+_ROLE_PREFIX = {"mixed": "engine", "prefill": "prefill", "decode": "decode"}
 
-def engine_deployment_name(model_name: str) -> str:
-    return "engine-" + re.sub(r"[^A-Za-z0-9_-]+", "-", model_name).strip("-")
+
+def engine_deployment_name(model_name: str, role: str = "mixed") -> str:
+    return f"{_ROLE_PREFIX[role]}-" + re.sub(r"[^A-Za-z0-9_-]+", "-", model_name).strip("-")
 
 
 # Which Serve request router each routing policy needs on the engine deployments.
@@ -39,21 +41,27 @@ def _request_router_config(config: GatewayConfig) -> dict[str, Any]:
     return {"request_router_config": RequestRouterConfig(request_router_class=router_class)}
 
 
-def _engine_app(model: ModelConfig, config: GatewayConfig) -> Application:
-    d = model.deployment
+def _engine_app(model: ModelConfig, role: str, config: GatewayConfig) -> Application:
+    d = model.group(role)
+    # A split model is always ranked by the gateway's scheduler (it picks decode, then prefill).
+    routers = _request_router_config(config) if model.disaggregation is None else {
+        "request_router_config": RequestRouterConfig(request_router_class=_REQUEST_ROUTERS["prefix_aware"])
+    }
     return EngineServer.options(
-        name=engine_deployment_name(model.name),
+        name=engine_deployment_name(model.name, role),
         num_replicas=d.num_replicas,
         max_ongoing_requests=d.max_ongoing_requests,
         max_queued_requests=d.max_queued_requests,
         ray_actor_options=d.ray_actor_options,
         health_check_period_s=d.health_check_period_s,
-        **_request_router_config(config),
-    ).bind(model.model_dump(mode="json"), config.cluster_state.model_dump(mode="json"))
+        **routers,
+    ).bind(model.model_dump(mode="json"), config.cluster_state.model_dump(mode="json"), role)
 
 
 def build_gateway(config: GatewayConfig) -> Application:
-    engines = {model.name: _engine_app(model, config) for model in config.models}
+    engines = {
+        model.name: {role: _engine_app(model, role, config) for role in model.roles} for model in config.models
+    }
     ingress = config.ingress
     return OpenAIIngress.options(
         name="ingress",

@@ -10,41 +10,59 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import ray
 from ray import serve
 
 from app.config import ClusterStateConfig, ModelConfig
 from app.deployments.cluster_sync import EngineReporter
 from app.engines.factory import create_engine
-from app.engines.protocol import EngineOutput, EngineRequest, EngineStats
-from app.router.state import ReplicaInfo, ReplicaStats
+from app.engines.protocol import EngineOutput, EngineRequest, EngineStats, EngineUnavailableError
+from app.router.state import ReplicaInfo, ReplicaRole, ReplicaStats
 from app.tokenizer import PromptTokenizer
+
+serve_logger = logging.getLogger("ray.serve")  # Serve's logger reaches the replica log and the console
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256, health_check_period_s=5)
 class EngineServer:
-    def __init__(self, model: dict[str, Any], cluster_state: dict[str, Any] | None = None) -> None:
+    async def __init__(
+        self, model: dict[str, Any], cluster_state: dict[str, Any] | None = None, role: ReplicaRole = "mixed"
+    ) -> None:
         config = ModelConfig.model_validate(model)
+        engine_config = config.engine_for(role)
+        self.role = role
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id if context else "local"
+        self._reporter_task: asyncio.Task[None] | None = None
         self.engine = create_engine(
-            config.engine,
+            engine_config,
             PromptTokenizer.from_dir(config.tokenizer_dir),
             model=config.name,
             max_model_len=config.max_model_len,
             engine_id=self.replica_id,
+            host_ip=ray.util.get_node_ip_address(),
+            role=role,
         )
+        # A real engine takes a while to load; the replica is not ready (and gets no traffic)
+        # until it serves. A failed start fails the replica with the engine's own last log lines.
+        started = time.monotonic()
+        await self.engine.start()
+        serve_logger.info("engine %s ready in %.1fs (model %s, role %s)", self.engine.engine_id,
+                          time.monotonic() - started, config.name, role)
         cache = self.engine.cache_config
         info = ReplicaInfo(
             replica_id=self.replica_id,
             model=config.name,
-            role="mixed",
+            role=role,
             engine_id=self.engine.engine_id,
             block_size=cache.block_size,
             num_gpu_blocks=cache.num_gpu_blocks,
-            max_num_seqs=config.engine.max_num_seqs,
+            max_num_seqs=engine_config.max_num_seqs,
             hash_algo=cache.prefix_caching_hash_algo,
             hash_seed=cache.hash_seed,
             kv_events=True,
@@ -56,11 +74,7 @@ class EngineServer:
             self._routing_stats,
             ClusterStateConfig.model_validate(cluster_state or {}),
         )
-        self._reporter_task: asyncio.Task[None] | None = None
-        # Register as soon as possible; if the constructor runs off the replica's event loop the
-        # first health check or request starts the reporter instead.
-        with contextlib.suppress(RuntimeError):
-            self._ensure_reporting()
+        self._ensure_reporting()
 
     def _ensure_reporting(self) -> None:
         if self._reporter_task is None or self._reporter_task.done():
@@ -74,12 +88,16 @@ class EngineServer:
         # Cancelling the caller's response (client gone) closes this generator, which aborts
         # the request in the engine and frees its KV blocks.
         first = True
-        async with contextlib.aclosing(self.engine.generate(request)) as outputs:
-            async for output in outputs:
-                if first:
-                    first = False
-                    output.replica_id = self.replica_id
-                yield output
+        try:
+            async with contextlib.aclosing(self.engine.generate(request)) as outputs:
+                async for output in outputs:
+                    if first:
+                        first = False
+                        output.replica_id = self.replica_id
+                    yield output
+        except EngineUnavailableError as error:
+            error.replica_id = self.replica_id  # type: ignore[attr-defined]  # the caller retries elsewhere
+            raise
 
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)
@@ -93,9 +111,8 @@ class EngineServer:
 
     async def check_health(self) -> None:
         self._ensure_reporting()
-        await self.engine.start()  # idempotent; makes the step loop run from the first check
         if not self.engine.healthy:
-            raise RuntimeError("the engine's step loop has stopped")
+            raise RuntimeError(f"the engine {self.engine.engine_id} has stopped; Serve will replace this replica")
 
     async def __del__(self) -> None:
         if self._reporter_task is not None:

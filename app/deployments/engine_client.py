@@ -15,7 +15,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from app.api.errors import APIError
-from app.engines.protocol import EngineOutput, EngineRequest
+from app.engines.protocol import EngineOutput, EngineRequest, EngineUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class ServeEngineClient:
                 failed = True
                 raise APIError(503, "No engine replica for this model is available.",
                                retry_after_s=self._retry_after_s) from None
-            except RayActorError as error:
+            except (RayActorError, EngineUnavailableError) as error:
                 failed = True
                 if produced or attempt == self._max_attempts:
                     raise APIError(
@@ -61,9 +61,23 @@ class ServeEngineClient:
                         retry_after_s=self._retry_after_s,
                     ) from None
                 logger.warning("engine replica failed before answering %s (%s); retrying", request.request_id, error)
+                request = _without_failed_replica(request, error)
             finally:
                 if not (finished or failed):
                     # The caller stopped reading (client gone): stop the engine request too.
                     # Best effort; an error here must not hide the one being raised.
                     with contextlib.suppress(Exception):
                         response.cancel()
+
+
+def _without_failed_replica(request: EngineRequest, error: BaseException) -> EngineRequest:
+    """The retry goes down the ranking past the replica that failed (when it is known), and
+    recomputes the prompt instead of pulling a KV cache that the failed attempt may have consumed."""
+    cause = getattr(error, "cause", None) or error
+    failed = getattr(cause, "replica_id", None)
+    update: dict[str, object] = {}
+    if failed is not None:
+        update["route"] = [replica for replica in request.route if replica != failed]
+    if (request.kv_transfer_params or {}).get("do_remote_prefill"):
+        update["kv_transfer_params"] = None
+    return request.model_copy(update=update) if update else request

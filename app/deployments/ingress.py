@@ -24,11 +24,12 @@ from app.api.metrics import GatewayMetrics
 from app.api.serving import Endpoint, EngineClient, OpenAIServing, ServedModel
 from app.config import GatewayConfig, ModelConfig
 from app.deployments.cluster_sync import RouterStateSync
+from app.deployments.disaggregation import DisaggregatedEngineClient, DisaggregationMetrics
 from app.deployments.engine_client import ServeEngineClient
 from app.deployments.routing import RoutedEngineClient, RouterMetrics
 from app.router.hashing import get_hasher
 from app.router.scheduler import Scheduler
-from app.router.state import ClusterState
+from app.router.state import ClusterState, ReplicaRole
 from app.tokenizer import PromptTokenizer
 
 gateway_api = FastAPI(title="LLM gateway", description="OpenAI-compatible API over Ray Serve")
@@ -38,12 +39,13 @@ install_error_handlers(gateway_api)
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=2048)
 @serve.ingress(gateway_api)
 class OpenAIIngress:
-    def __init__(self, config: dict[str, Any], engines: dict[str, DeploymentHandle]) -> None:
+    def __init__(self, config: dict[str, Any], engines: dict[str, dict[str, DeploymentHandle]]) -> None:
         gateway = GatewayConfig.model_validate(config)
         limits = gateway.ingress
         context = serve.get_replica_context()
         self.metrics = GatewayMetrics()
         self.router_metrics = RouterMetrics(self.metrics.registry)
+        self.split_metrics = DisaggregationMetrics(self.metrics.registry)
         self.cluster = ClusterState(
             speculative_ttl_s=gateway.routing.speculative_ttl_s, stale_after_s=gateway.routing.stale_after_s
         )
@@ -76,18 +78,40 @@ class OpenAIIngress:
         with contextlib.suppress(RuntimeError):  # no running loop: the first request starts it
             self._ensure_syncing()
 
-    def _engine_client(self, model: ModelConfig, handle: DeploymentHandle, retry_after_s: float) -> EngineClient:
-        client = ServeEngineClient(handle, retry_after_s=retry_after_s)
-        if not self.ranks_requests:
-            return client
-        return RoutedEngineClient(
-            client,
+    def _engine_client(
+        self, model: ModelConfig, handles: dict[str, DeploymentHandle], retry_after_s: float
+    ) -> EngineClient:
+        clients: dict[str, EngineClient] = {
+            # A failed prefill is not retried: the decode replica computing the prompt is faster.
+            role: ServeEngineClient(handle, retry_after_s=retry_after_s, max_attempts=1 if role == "prefill" else 3)
+            for role, handle in handles.items()
+        }
+        split = model.disaggregation
+        if split is None and not self.ranks_requests:
+            return clients["mixed"]
+
+        def routed(roles: tuple[ReplicaRole, ...]) -> RoutedEngineClient:
+            return RoutedEngineClient(
+                {role: clients[role] for role in roles if role in clients},
+                model=model.name,
+                block_size=model.engine.block_size,
+                scheduler=self.scheduler,
+                sync=self.sync,
+                metrics=self.router_metrics,
+                roles=roles,
+                on_request=self._ensure_syncing,
+            )
+
+        if split is None:
+            return routed(("mixed",))
+        # The split needs the gateway's own scheduler whatever the policy: it picks decode first.
+        return DisaggregatedEngineClient(
+            routed(("decode", "mixed")),
+            routed(("prefill",)),
             model=model.name,
-            block_size=model.engine.block_size,
-            scheduler=self.scheduler,
-            sync=self.sync,
-            metrics=self.router_metrics,
-            on_request=self._ensure_syncing,
+            min_split_tokens=split.min_split_tokens,
+            prefill_timeout_s=split.prefill_timeout_s,
+            metrics=self.split_metrics,
         )
 
     def _ensure_syncing(self) -> None:
@@ -114,7 +138,13 @@ class OpenAIIngress:
             "policy": self.scheduler.config.policy,
             "ttft_model": self.scheduler.ttft_model.coefficients,
             "replicas": {
-                rid: {"inflight": s.inflight, "blocks": self.cluster.index.num_blocks(rid), "load": s.load}
+                rid: {
+                    "role": s.info.role,
+                    "inflight": s.inflight,
+                    "blocks": self.cluster.index.num_blocks(rid),
+                    "load": s.load,
+                    "engine_stats": s.stats.model_dump(mode="json"),
+                }
                 for rid, s in self.cluster.replicas.items()
             },
         }

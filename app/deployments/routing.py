@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -18,6 +18,7 @@ from app.api.serving import EngineClient
 from app.deployments.cluster_sync import RouterStateSync
 from app.engines.protocol import EngineOutput, EngineRequest
 from app.router.scheduler import Decision, RoutingRequest, Scheduler
+from app.router.state import ReplicaRole
 
 _DECISION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2)
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -68,55 +69,92 @@ class RouterMetrics:
 
 
 class RoutedEngineClient:
+    """Ranks one model's replicas of some roles and streams each request from the chosen one.
+
+    `clients` maps each role to the engine client of that role's deployment; a request goes through
+    the client of its chosen replica's role, with the full ranking for Serve to fall back on.
+    """
+
     def __init__(
         self,
-        inner: EngineClient,
+        clients: Mapping[ReplicaRole, EngineClient],
         *,
         model: str,
         block_size: int,
         scheduler: Scheduler,
         sync: RouterStateSync | None,
         metrics: RouterMetrics,
+        roles: tuple[ReplicaRole, ...] = ("mixed",),
         on_request: Callable[[], None] = lambda: None,
     ) -> None:
         self._on_request = on_request
-        self._inner = inner
+        self._clients = dict(clients)
         self._model = model
         self._block_size = block_size
         self._scheduler = scheduler
         self._sync = sync
         self._metrics = metrics
+        self.roles = roles
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+    def role_of(self, replica_id: str) -> ReplicaRole | None:
+        replica = self._scheduler.state.replicas.get(replica_id)
+        return replica.info.role if replica is not None else None
+
+    def _client_for(self, replica_id: str | None) -> EngineClient:
+        role = self.role_of(replica_id) if replica_id is not None else None
+        if role in self._clients:
+            return self._clients[role]
+        return next(self._clients[r] for r in self.roles if r in self._clients)
+
+    def route(self, request: EngineRequest) -> tuple[RoutingRequest, Decision | None]:
+        """The scheduler's ranking for a request (None while no replica has registered)."""
         self._on_request()
         routing = RoutingRequest(
             model=self._model,
             block_hashes=request.block_hashes,
             num_prompt_tokens=len(request.prompt_token_ids),
             block_size=self._block_size,
+            roles=self.roles,
         )
         started = time.perf_counter()
-        now = time.monotonic()
-        decision = self._scheduler.schedule(routing, now)
+        decision = self._scheduler.schedule(routing, time.monotonic())
         self._metrics.decision_seconds.labels(self._model).observe(time.perf_counter() - started)
         if decision is None:
-            # No replica registered yet (startup, or the state actor lost): Serve's own choice.
             self._metrics.decisions.labels(self._model, self._scheduler.config.policy, "no_state").inc()
-            async with contextlib.aclosing(self._inner.generate(request)) as outputs:
+        else:
+            self._record_decision(decision, routing)
+        return routing, decision
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        routing, decision = self.route(request)
+        async with contextlib.aclosing(self.serve(request, routing, decision)) as outputs:
+            async for output in outputs:
+                yield output
+
+    async def serve(
+        self, request: EngineRequest, routing: RoutingRequest, decision: Decision | None, *, learn: bool = True
+    ) -> AsyncIterator[EngineOutput]:
+        """Stream a routed request, keeping the scheduler's books (load, speculative entries, TTFT)."""
+        if decision is None:
+            # No replica registered yet (startup, or the state actor lost): Serve's own choice.
+            async with contextlib.aclosing(self._client_for(None).generate(request)) as outputs:
                 async for output in outputs:
                     yield output
             return
-        self._record_decision(decision, routing)
         request = request.model_copy(update={"route": decision.ranked})
         replica = decision.replica_id
+        now = time.monotonic()
         self._dispatched(decision, routing, replica, now)
         first = True
         try:
-            async with contextlib.aclosing(self._inner.generate(request)) as outputs:
+            async with contextlib.aclosing(self._client_for(replica).generate(request)) as outputs:
                 async for output in outputs:
                     if first:
                         first = False
-                        replica = self._first_output(decision, routing, replica, output, now)
+                        replica = self._first_output(decision, routing, replica, output, now, learn)
+                    if output.finished:
+                        # Real vLLM reports cached prompt tokens only with the final usage.
+                        self._metrics.engine_hit_tokens.labels(self._model).inc(output.num_cached_tokens)
                     yield output
         finally:
             self._scheduler.on_finish(decision, routing, replica, got_first_token=not first)
@@ -135,7 +173,8 @@ class RoutedEngineClient:
             self._sync.speculated(replica, list(routing.block_hashes))
 
     def _first_output(
-        self, decision: Decision, routing: RoutingRequest, replica: str, output: EngineOutput, dispatched: float
+        self, decision: Decision, routing: RoutingRequest, replica: str, output: EngineOutput, dispatched: float,
+        learn: bool,
     ) -> str:
         ttft = time.monotonic() - dispatched
         actual = output.replica_id or replica
@@ -143,10 +182,9 @@ class RoutedEngineClient:
             # Serve fell back to another replica (the first choice was full): move the bookkeeping.
             self._scheduler.on_finish(decision, routing, replica, got_first_token=False)
             self._dispatched(decision, routing, actual, dispatched)
-        self._scheduler.on_first_token(decision, routing, actual, ttft)
+        self._scheduler.on_first_token(decision, routing, actual, ttft, learn=learn)
         m, model = self._metrics, self._model
         m.observed_ttft.labels(model).observe(ttft)
-        if decision.predicted_ttft_s is not None and actual == decision.replica_id:
+        if learn and decision.predicted_ttft_s is not None and actual == decision.replica_id:
             m.ttft_error.labels(model).observe(abs(ttft - decision.predicted_ttft_s))
-        m.engine_hit_tokens.labels(model).inc(output.num_cached_tokens)
         return actual

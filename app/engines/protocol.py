@@ -26,6 +26,10 @@ class SamplingParams(BaseModel):
     stop: list[str] = Field(default_factory=list, description="Stop strings, excluded from the output.")
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = Field(default=False, description="Keep generating past EOS (for benchmarks).")
+    logprobs: int | None = Field(
+        default=None, ge=0, le=20,
+        description="Return each generated token's log-probability and this many most likely alternatives.",
+    )
 
 
 class EngineRequest(BaseModel):
@@ -62,6 +66,21 @@ class EngineRequest(BaseModel):
     )
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    token_id: int | None = None
+
+
+class TokenLogprob(BaseModel):
+    """One generated token's log-probability, with the most likely alternatives at its position."""
+
+    token: str
+    logprob: float
+    token_id: int | None = None
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
 class EngineOutput(BaseModel):
     """A piece of one request's output: new tokens and text since the previous piece."""
 
@@ -72,6 +91,9 @@ class EngineOutput(BaseModel):
     stop_reason: str | int | None = Field(default=None, description="The stop string or token that ended it.")
     num_prompt_tokens: int = 0
     num_cached_tokens: int = Field(default=0, description="Prompt tokens served from the prefix cache.")
+    logprobs: list[TokenLogprob] | None = Field(
+        default=None, description="One entry per token in token_ids, when the request asked for logprobs."
+    )
     kv_transfer_params: dict[str, Any] | None = None
     replica_id: str | None = Field(
         default=None, description="The engine replica that produced it (set on a stream's first output)."
@@ -90,13 +112,30 @@ def merge_outputs(outputs: Sequence[EngineOutput]) -> EngineOutput:
     token_ids: list[int] = []
     for output in outputs:
         token_ids.extend(output.token_ids)
+    logprobs: list[TokenLogprob] | None = None
+    if any(output.logprobs is not None for output in outputs):
+        logprobs = [entry for output in outputs for entry in output.logprobs or []]
+    first = outputs[0]
     return last.model_copy(
-        update={"token_ids": token_ids, "text": "".join(output.text for output in outputs)}
+        update={
+            "token_ids": token_ids,
+            "text": "".join(output.text for output in outputs),
+            "logprobs": logprobs,
+            "replica_id": first.replica_id or last.replica_id,
+        }
     )
 
 
 class EngineRequestRejected(ValueError):
-    """The engine can never run this request as given (too long for its context or its KV cache)."""
+    """The engine can never run this request as given (too long for its context, a feature it lacks)."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param  # kept across pickling: BaseException.__reduce__ carries __dict__
+
+
+class EngineUnavailableError(RuntimeError):
+    """The engine failed or went away while serving; the request may succeed on another replica."""
 
 
 class CacheConfig(BaseModel):

@@ -289,10 +289,11 @@ class Scheduler:
         self.state.on_dispatch(replica_id, self._uncached_on(decision, request, replica_id))
 
     def on_first_token(
-        self, decision: Decision, request: RoutingRequest, replica_id: str, ttft_s: float
+        self, decision: Decision, request: RoutingRequest, replica_id: str, ttft_s: float, *, learn: bool = True
     ) -> None:
+        """`learn=False` when the TTFT is not the cost model's to explain (a decode that pulled its KV cache)."""
         self.state.on_first_token(replica_id, self._uncached_on(decision, request, replica_id))
-        if replica_id == decision.replica_id:
+        if learn and replica_id == decision.replica_id:
             self.observe_ttft(decision, ttft_s)
 
     def on_finish(

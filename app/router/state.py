@@ -48,6 +48,8 @@ class ReplicaStats(BaseModel):
     kv_cache_usage_perc: float = 0.0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    external_prefix_cache_queries: int = 0
+    external_prefix_cache_hits: int = 0
     timestamp: float = 0.0
 
 

@@ -146,6 +146,11 @@ class SimulatedEngineCore:
         prompt = request.prompt_token_ids
         if not prompt:
             raise EngineRequestRejected("the prompt is empty")
+        if request.sampling.logprobs is not None:
+            raise EngineRequestRejected(
+                "the simulated engine does not compute logprobs; serve the model with a vLLM engine for them",
+                param="logprobs",
+            )
         total = len(prompt) + request.sampling.max_tokens
         if total > self.max_model_len:
             raise EngineRequestRejected(

@@ -1,0 +1,182 @@
+"""Sends engine requests to a vLLM OpenAI server and turns its answers into EngineOutputs.
+
+The gateway has already applied the chat template and tokenized, so every request goes to
+`/v1/completions` with the prompt as token ids: the engine computes exactly the tokens the router
+hashed, and one code path serves chat and completions. Stop strings, detokenization and logprobs
+stay vLLM's own. The final output waits for the usage chunk, because vLLM reports cached prompt
+tokens only there.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+
+from app.engines.protocol import (
+    EngineOutput,
+    EngineRequest,
+    EngineRequestRejected,
+    EngineUnavailableError,
+    TokenLogprob,
+    TopLogprob,
+)
+
+
+def completion_body(request: EngineRequest, served_model_name: str, *, stream: bool) -> dict[str, Any]:
+    s = request.sampling
+    body: dict[str, Any] = {
+        "model": request.lora_name or served_model_name,
+        "prompt": request.prompt_token_ids,
+        "max_tokens": s.max_tokens,
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "stream": stream,
+        "return_token_ids": True,
+    }
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    optional = {
+        "seed": s.seed,
+        "stop": s.stop or None,
+        "stop_token_ids": s.stop_token_ids or None,
+        "ignore_eos": s.ignore_eos or None,
+        "logprobs": s.logprobs,
+        # Alternatives keyed by id, not by text: different tokens may decode to the same text.
+        "return_tokens_as_token_ids": True if s.logprobs is not None else None,
+        "priority": request.priority or None,  # vLLM refuses a priority unless it schedules by priority
+        "cache_salt": request.cache_salt,
+        "kv_transfer_params": request.kv_transfer_params,
+    }
+    body.update({key: value for key, value in optional.items() if value is not None})
+    return body
+
+
+TokenDecoder = Callable[[int], str]
+
+
+def _token(key: str, decode: TokenDecoder | None) -> tuple[str, int | None]:
+    """vLLM writes `token_id:123` with return_tokens_as_token_ids; the text comes from the tokenizer."""
+    if key.startswith("token_id:"):
+        token_id = int(key[9:])
+        return (decode(token_id) if decode else key), token_id
+    return key, None
+
+
+def _logprobs(choice: dict[str, Any], decode: TokenDecoder | None) -> list[TokenLogprob] | None:
+    raw = choice.get("logprobs")
+    if not raw:
+        return None
+    tops = raw.get("top_logprobs") or []
+    out = []
+    for i, (key, logprob) in enumerate(zip(raw.get("tokens") or [], raw.get("token_logprobs") or [], strict=False)):
+        token, token_id = _token(key, decode)
+        alternatives = []
+        for top_key, top_logprob in (tops[i] if i < len(tops) and tops[i] else {}).items():
+            top_token, top_id = _token(top_key, decode)
+            alternatives.append(TopLogprob(token=top_token, logprob=top_logprob, token_id=top_id))
+        out.append(TokenLogprob(
+            token=token, token_id=token_id, logprob=logprob if logprob is not None else float("-inf"),
+            top_logprobs=alternatives,
+        ))
+    return out
+
+
+def _output(request_id: str, choice: dict[str, Any], decode: TokenDecoder | None = None) -> EngineOutput:
+    return EngineOutput(
+        request_id=request_id,
+        token_ids=list(choice.get("token_ids") or []),
+        text=choice.get("text") or "",
+        finish_reason=choice.get("finish_reason"),
+        stop_reason=choice.get("stop_reason"),
+        logprobs=_logprobs(choice, decode),
+    )
+
+
+def _with_usage(output: EngineOutput, usage: dict[str, Any] | None) -> EngineOutput:
+    if not usage:
+        return output
+    details = usage.get("prompt_tokens_details") or {}
+    output.num_prompt_tokens = int(usage.get("prompt_tokens") or 0)
+    output.num_cached_tokens = int(details.get("cached_tokens") or 0)
+    return output
+
+
+def _error_message(status: int, body: bytes) -> str:
+    try:
+        error = json.loads(body).get("error") or {}
+        message = error.get("message") if isinstance(error, dict) else str(error)
+    except (ValueError, AttributeError):
+        message = None
+    return message or body.decode(errors="replace")[:500] or f"HTTP {status}"
+
+
+class VLLMCompletionsClient:
+    """One vLLM server's completions endpoint."""
+
+    def __init__(
+        self, client: httpx.AsyncClient, base_url: str, served_model_name: str, *, decode: TokenDecoder | None = None
+    ) -> None:
+        self._client = client
+        self._url = f"{base_url}/v1/completions"
+        self._model = served_model_name
+        self._decode = decode
+
+    async def stream(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        """The request's outputs as vLLM streams them; the last one has finish_reason and usage."""
+        body = completion_body(request, self._model, stream=True)
+        held: EngineOutput | None = None
+        finished = False
+        try:
+            async with self._client.stream("POST", self._url, json=body) as response:
+                if response.status_code != 200:
+                    _raise_for(response.status_code, await response.aread())
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        raise EngineUnavailableError(f"vLLM failed the request: {chunk['error']}")
+                    choices = chunk.get("choices") or []
+                    if not choices:  # the usage chunk, after the finishing one
+                        if held is not None:
+                            yield _with_usage(held, chunk.get("usage"))
+                            held = None
+                        continue
+                    output = _output(request.request_id, choices[0], self._decode)
+                    if output.finished:
+                        held, finished = output, True
+                    else:
+                        yield output
+        except httpx.TransportError as error:
+            raise EngineUnavailableError(f"lost the connection to the vLLM server: {error!r}") from None
+        if not finished:
+            raise EngineUnavailableError("the vLLM server ended the stream before the request finished")
+        if held is not None:  # no usage chunk came
+            yield held
+
+    async def complete(self, request: EngineRequest) -> EngineOutput:
+        """The whole answer in one output, with the kv_transfer_params a prefill engine returns."""
+        body = completion_body(request, self._model, stream=False)
+        try:
+            response = await self._client.post(self._url, json=body)
+        except httpx.TransportError as error:
+            raise EngineUnavailableError(f"lost the connection to the vLLM server: {error!r}") from None
+        if response.status_code != 200:
+            _raise_for(response.status_code, response.content)
+        reply = response.json()
+        output = _with_usage(_output(request.request_id, reply["choices"][0], self._decode), reply.get("usage"))
+        output.kv_transfer_params = reply.get("kv_transfer_params")
+        return output
+
+
+def _raise_for(status: int, body: bytes) -> None:
+    message = _error_message(status, body)
+    if status == 400:
+        raise EngineRequestRejected(message)
+    raise EngineUnavailableError(f"vLLM answered HTTP {status}: {message}")

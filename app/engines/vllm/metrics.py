@@ -1,0 +1,110 @@
+"""Reads the load and counters the router needs out of a vLLM server's Prometheus text.
+
+vLLM's /metrics page is long (histograms per engine); the router needs a dozen series. This reads
+only the wanted lines, sums them over the `engine` label (data-parallel ranks), and never builds the
+full metric families, so reading it every few hundred milliseconds stays cheap.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+from app.engines.protocol import CacheConfig, EngineStats
+
+_GAUGES = {
+    "vllm:num_requests_running": "num_requests_running",
+    "vllm:num_requests_waiting": "num_requests_waiting",
+    "vllm:kv_cache_usage_perc": "kv_cache_usage_perc",
+}
+_COUNTERS = {
+    "vllm:prefix_cache_queries_total": "prefix_cache_queries",
+    "vllm:prefix_cache_hits_total": "prefix_cache_hits",
+    "vllm:external_prefix_cache_queries_total": "external_prefix_cache_queries",
+    "vllm:external_prefix_cache_hits_total": "external_prefix_cache_hits",
+    "vllm:prompt_tokens_total": "prompt_tokens",
+    "vllm:generation_tokens_total": "generation_tokens",
+    "vllm:request_success_total": "request_success",
+    "vllm:num_preemptions_total": "num_preemptions",
+}
+_CACHE_INFO = "vllm:cache_config_info"
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+class MetricsFormatError(ValueError):
+    """The page lacks what every vLLM server exports (not a vLLM server, or a renamed metric)."""
+
+
+def _split(line: str) -> tuple[str, str, float] | None:
+    """(name, label text, value) of a sample line, or None for comments and blanks."""
+    if not line or line[0] == "#":
+        return None
+    brace = line.find("{")
+    space = line.rfind(" ")
+    if space < 0:
+        return None
+    if brace >= 0 and brace < space:
+        name, labels = line[:brace], line[brace + 1 : line.rindex("}")]
+    else:
+        name, labels = line[:space], ""
+    try:
+        return name, labels, float(line[space + 1 :])
+    except ValueError:
+        return None
+
+
+def parse_vllm_metrics(text: str, *, hash_seed: str = "0") -> tuple[dict[str, float], CacheConfig]:
+    """The wanted series (gauges and counters by EngineStats field, summed over engines) and the cache config."""
+    values: dict[str, float] = {}
+    cache: CacheConfig | None = None
+    for line in text.splitlines():
+        if not line.startswith("vllm:"):
+            continue
+        parsed = _split(line)
+        if parsed is None:
+            continue
+        name, labels, value = parsed
+        field = _GAUGES.get(name) or _COUNTERS.get(name)
+        if field is not None:
+            values[field] = values.get(field, 0.0) + value
+        elif name == _CACHE_INFO and cache is None:
+            info = dict(_LABEL.findall(labels))
+            cache = CacheConfig(
+                block_size=int(info.get("block_size", 0) or 0),
+                num_gpu_blocks=int(info.get("num_gpu_blocks", 0) or 0),
+                prefix_caching_hash_algo=info.get("prefix_caching_hash_algo", "sha256"),
+                hash_seed=hash_seed,
+                enable_prefix_caching=info.get("enable_prefix_caching", "True") == "True",
+            )
+    missing = [name for name, field in _GAUGES.items() if field not in values]
+    if cache is None or missing:
+        raise MetricsFormatError(
+            f"the /metrics page lacks {', '.join([*missing, *([_CACHE_INFO] if cache is None else [])])}; "
+            "is this a vLLM server of a supported version?"
+        )
+    return values, cache
+
+
+def engine_stats(
+    text: str, *, engine_id: str, model: str, hash_seed: str = "0", engines: int | None = None
+) -> EngineStats:
+    """An EngineStats snapshot from a /metrics page. KV usage is averaged over `engines` ranks."""
+    values, cache = parse_vllm_metrics(text, hash_seed=hash_seed)
+    ranks = max(1, engines or text.count(_CACHE_INFO + "{"))
+    return EngineStats(
+        engine_id=engine_id,
+        model=model,
+        num_requests_running=int(values["num_requests_running"]),
+        num_requests_waiting=int(values["num_requests_waiting"]),
+        kv_cache_usage_perc=min(1.0, max(0.0, values["kv_cache_usage_perc"] / ranks)),
+        prefix_cache_queries=int(values.get("prefix_cache_queries", 0)),
+        prefix_cache_hits=int(values.get("prefix_cache_hits", 0)),
+        external_prefix_cache_queries=int(values.get("external_prefix_cache_queries", 0)),
+        external_prefix_cache_hits=int(values.get("external_prefix_cache_hits", 0)),
+        prompt_tokens=int(values.get("prompt_tokens", 0)),
+        generation_tokens=int(values.get("generation_tokens", 0)),
+        request_success=int(values.get("request_success", 0)),
+        num_preemptions=int(values.get("num_preemptions", 0)),
+        cache_config=cache,
+        timestamp=time.time(),
+    )
