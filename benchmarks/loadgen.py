@@ -36,6 +36,7 @@ class LoadResult:
             "errors": self.errors,
             "ttft_p50_ms": 1000 * pct(self.ttft_s, 0.5),
             "ttft_p90_ms": 1000 * pct(self.ttft_s, 0.9),
+            "ttft_p99_ms": 1000 * pct(self.ttft_s, 0.99),
             "itl_mean_ms": 1000 * statistics.fmean(self.itl_s) if self.itl_s else float("nan"),
             "e2e_p50_ms": 1000 * pct(self.e2e_s, 0.5),
             "req_per_s": len(self.e2e_s) / self.wall_s if self.wall_s else 0.0,

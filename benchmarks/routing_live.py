@@ -7,10 +7,12 @@ machine can drive a fleet into saturation without the load generator and the gat
 running out of CPU: the modelled engines are the bottleneck, as GPUs are in production.
 
     .venv/bin/python benchmarks/routing_live.py --replicas 8 --rates 4,8
+    .venv/bin/python benchmarks/routing_live.py --vllm-model models/tiny-llama --replicas 2 ...   # real vLLM CPU
 
 Reported per policy: TTFT p50/p90/p99 and end-to-end p50 (client side, wall seconds), output
 tokens/s, prefix hit rate (prompt tokens the engines served from cache, from the usage of each
-response), and spread (most prompt tokens on one replica over the mean, from the engines' counters).
+response; and vLLM's own vllm:prefix_cache_hits / queries counters as engine_hit_rate), and spread
+(most prompt tokens on one replica over the mean, from the engines' counters).
 """
 
 from __future__ import annotations
@@ -117,11 +119,15 @@ async def run_open_loop(url: str, workload: Workload, max_tokens: int) -> tuple[
 
 
 def app_config(args: argparse.Namespace, policy: str) -> dict:
+    engine = {"time_scale": args.time_scale, "num_blocks": args.num_blocks, "max_num_seqs": 64}
+    if args.vllm_model:
+        engine = {"kind": "vllm", "model": args.vllm_model, "device": "cpu", "dtype": "float32", "enforce_eager": True,
+                  "block_size": 32, "max_num_seqs": 8, "max_num_batched_tokens": 1024, "cpu_kv_cache_gib": 1}
     return {
         "models": [{
             "name": MODEL,
-            "max_model_len": 8192,
-            "engine": {"time_scale": args.time_scale, "num_blocks": args.num_blocks, "max_num_seqs": 64},
+            "max_model_len": 1024 if args.vllm_model else 8192,
+            "engine": engine,
             "deployment": {"num_replicas": args.replicas, "max_ongoing_requests": 1000},
         }],
         "ingress": {"num_replicas": 1},
@@ -152,6 +158,7 @@ def summarize(policy: str, rate: float, samples: list[Sample], wall_s: float, co
     ttft = np.array([s.ttft_s for s in ok])
     e2e = np.array([s.e2e_s for s in ok])
     queries = np.array([c["stats"]["prefix_cache_queries"] for c in counters.values()], dtype=float)
+    hits = np.array([c["stats"]["prefix_cache_hits"] for c in counters.values()], dtype=float)
     return {
         "policy": policy, "rate": rate, "requests": len(samples), "measured": len(measured),
         "errors": sum(s.error is not None for s in samples),
@@ -160,6 +167,7 @@ def summarize(policy: str, rate: float, samples: list[Sample], wall_s: float, co
         "ttft_p99": float(np.percentile(ttft, 99)), "e2e_p50": float(np.percentile(e2e, 50)),
         "output_tok_s": sum(s.output_tokens for s in samples) / wall_s,
         "hit_rate": sum(s.cached_tokens for s in ok) / max(1, sum(s.prompt_tokens for s in ok)),
+        "engine_hit_rate": float(hits.sum() / queries.sum()) if queries.sum() else None,
         "spread_max_over_mean": float(queries.max() / queries.mean()) if queries.size and queries.mean() else None,
         "replicas_reporting": len(counters),
     }
@@ -180,7 +188,12 @@ def main() -> None:
     p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="append results to this JSON list")
+    p.add_argument("--vllm-model", help="a model folder: real vLLM CPU engines instead of simulated ones")
     args = p.parse_args()
+    global MODEL
+    if args.vllm_model:
+        MODEL = "tiny-llama"
+        args.vllm_model = os.path.abspath(args.vllm_model)
 
     import ray
     from ray import serve
@@ -202,7 +215,7 @@ def main() -> None:
                           route_prefix=f"/{app}")
                 base = f"http://127.0.0.1:{port}/{app}"
                 wait_until_ready(f"{base}/v1/models", timeout_s=120)
-                wait_for(lambda app=app: engines_registered(app) == args.replicas, timeout_s=120)
+                wait_for(lambda app=app: engines_registered(app) == args.replicas, timeout_s=300)
                 samples, wall_s = asyncio.run(run_open_loop(f"{base}/v1/chat/completions", workload,
                                                             args.max_tokens))
                 row = summarize(policy, rate, samples, wall_s, engine_counters(app), args.warmup)
@@ -211,7 +224,8 @@ def main() -> None:
                 print(f"live x{args.replicas} rate {rate:5.1f}/s {policy:26s} TTFT p50 {row['ttft_p50']:6.3f}s "
                       f"p90 {row['ttft_p90']:6.3f}s p99 {row['ttft_p99']:6.3f}s  e2e p50 {row['e2e_p50']:6.2f}s  "
                       f"out {row['output_tok_s']:6.1f} tok/s  hit {row['hit_rate']:.3f}  "
-                      f"spread {row['spread_max_over_mean']:.2f}  errors {row['errors']}", flush=True)
+                      f"engine hit {row['engine_hit_rate'] or 0:.3f}  spread {row['spread_max_over_mean']:.2f}  "
+                      f"errors {row['errors']}", flush=True)
                 serve.delete(app)
                 if args.json:
                     with open(args.json, "w") as f:

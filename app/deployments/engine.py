@@ -105,6 +105,10 @@ class EngineServer:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
+    def engine_url(self) -> str | None:
+        """The engine's own OpenAI server on this node (real vLLM engines), for benchmarks and debugging."""
+        return getattr(self.engine, "base_url", None)
+
     def record_routing_stats(self) -> dict[str, Any]:
         """Published to Serve request routers (replica.routing_stats)."""
         return self.engine.stats().model_dump(mode="json")

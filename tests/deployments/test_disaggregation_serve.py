@@ -106,3 +106,28 @@ def test_requests_complete_when_the_prefill_replica_dies(gateway):
     after = paths(gateway)
     print("paths after the kill:", after)
     assert after["prefill_failed"] + after["no_prefill"] > 0
+
+
+def test_requests_waiting_on_a_dead_decode_replica_are_retried_on_another(gateway):
+    # Two decode replicas that run one sequence at a time, so requests wait inside them before their
+    # first token; one of them is killed while they wait.
+    args = split_args()
+    args["models"][0]["disaggregation"]["decode"] = {"num_replicas": 2, "engine_overrides": {
+        "max_num_seqs": 1, "time_scale": 1.0}}
+    serve.run(build_gateway(parse_gateway_config(args)), name="retry", route_prefix="/retry")
+    handle = serve.get_app_handle("retry")
+    assert wait_for(lambda: len(handle.routing_state.remote().result()["replicas"]) == 3, timeout_s=30)
+    url = gateway + "/retry"
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        futures = [pool.submit(complete, url, 5, f"retry{i}", 64) for i in range(12)]
+        time.sleep(0.5)
+        victim = next(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                      if "retry#decode-sim-split" in a["name"])
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        responses = [f.result() for f in futures]
+    failed = [r for r in responses if r.status_code != 200]
+    # Only the request the victim was generating when it died can fail (it had already begun); it
+    # fails with a 503 a client can retry. Every request still waiting there completes elsewhere.
+    assert len(failed) <= 1, [r.text for r in failed]
+    assert all(r.status_code == 503 and r.json()["error"]["message"] for r in failed)
+    serve.delete("retry")

@@ -95,6 +95,13 @@ def test_nixl_split_gives_the_same_tokens_and_logprobs_as_one_mixed_server(serve
     assert_split_matches_reference(serve_url)
 
 
+def test_a_prompt_decode_already_holds_is_not_split_again(serve_url):
+    before = paths(serve_url)
+    answer(serve_url, SPLIT, PROMPTS[0])  # split once by the test above; its blocks now live on decode
+    after = paths(serve_url)
+    assert after["direct"] == before["direct"] + 1 and after["split"] == before["split"]
+
+
 def test_short_prompts_skip_the_split(serve_url):
     before = paths(serve_url)
     answer(serve_url, SPLIT, "hi")

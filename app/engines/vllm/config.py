@@ -74,6 +74,9 @@ class VLLMEngineConfig(BaseModel):
     stats_interval_s: float = Field(
         default=0.2, gt=0, description="How often the replica reads the engine's /metrics for load and counters."
     )
+    unresponsive_after_s: float = Field(
+        default=30.0, gt=0, description="An engine whose /metrics has not answered this long fails its health check."
+    )
 
     @field_validator("model")
     @classmethod

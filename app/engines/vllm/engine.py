@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -70,6 +71,7 @@ class VLLMServerEngine:
         self._started = False
         self._closed = False
         self.startup_seconds: float | None = None
+        self._unanswered_since: float | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -121,7 +123,11 @@ class VLLMServerEngine:
 
     @property
     def healthy(self) -> bool:
-        return self._started and not self._closed and self._process is not None and self._process.running
+        """The server runs and has answered /metrics within `unresponsive_after_s` (a hung server is not healthy)."""
+        if not (self._started and not self._closed and self._process is not None and self._process.running):
+            return False
+        silent_since = self._unanswered_since
+        return silent_since is None or time.monotonic() - silent_since < self.config.unresponsive_after_s
 
     @property
     def base_url(self) -> str:
@@ -144,16 +150,15 @@ class VLLMServerEngine:
         )
 
     async def _stats_loop(self) -> None:
-        failing = False
         while True:
             await asyncio.sleep(self.config.stats_interval_s)
             try:
                 await self._refresh_stats()
-                failing = False
+                self._unanswered_since = None
             except (httpx.HTTPError, MetricsFormatError) as error:
-                if not failing:
+                if self._unanswered_since is None:
+                    self._unanswered_since = time.monotonic()
                     logger.warning("engine %s: reading /metrics failed: %s", self.engine_id, error)
-                failing = True
 
     def stats(self) -> EngineStats:
         if self._stats is None:
