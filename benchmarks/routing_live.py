@@ -122,7 +122,8 @@ def app_config(args: argparse.Namespace, policy: str) -> dict:
     engine = {"time_scale": args.time_scale, "num_blocks": args.num_blocks, "max_num_seqs": 64}
     if args.vllm_model:
         engine = {"kind": "vllm", "model": args.vllm_model, "device": "cpu", "dtype": "float32", "enforce_eager": True,
-                  "block_size": 32, "max_num_seqs": 8, "max_num_batched_tokens": 1024, "cpu_kv_cache_gib": 1}
+                  "block_size": 32, "max_num_seqs": 8, "max_num_batched_tokens": 1024, "cpu_kv_cache_gib": 1,
+                  "cpu_threads": 1}
     return {
         "models": [{
             "name": MODEL,

@@ -38,7 +38,8 @@ WORDS = "amber basil cedar delta ember fjord garnet hazel indigo juniper kelp li
 
 def engine(model_dir: str, **extra) -> dict:
     return {"kind": "vllm", "model": model_dir, "device": "cpu", "dtype": "float32", "enforce_eager": True,
-            "block_size": 32, "max_num_seqs": 8, "max_num_batched_tokens": 1024, "cpu_kv_cache_gib": 1, **extra}
+            "block_size": 32, "max_num_seqs": 8, "max_num_batched_tokens": 1024, "cpu_kv_cache_gib": 1,
+            "cpu_threads": 1, **extra}
 
 
 def row(target: str, concurrency: int, s: dict[str, float]) -> str:
@@ -116,7 +117,7 @@ def split(args: argparse.Namespace) -> None:
     url = f"http://127.0.0.1:{port}"
     rng = random.Random(0)
 
-    def prompts(tag: str) -> list[str]:  # ~600 tokens each, all different from the first block on
+    def prompts(tag: str) -> list[str]:  # all different from the first block on
         return [f"{tag} {i} " + " ".join(rng.choice(WORDS) for _ in range(args.prompt_words))
                 for i in range(args.requests)]
 
@@ -146,7 +147,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--rounds", type=int, default=2, help="alternate the targets this many times")
-    parser.add_argument("--prompt-words", type=int, default=400)
+    parser.add_argument("--prompt-words", type=int, default=180, help="about 800 tokens")
     parser.add_argument("--connector", choices=["nixl", "shared_storage"], default="nixl")
     args = parser.parse_args()
     args.model = os.path.abspath(args.model)

@@ -41,6 +41,7 @@ def vllm_cpu_engine(model_dir: Path, **overrides) -> dict:
         "max_num_seqs": 8,
         "max_num_batched_tokens": 1024,
         "cpu_kv_cache_gib": 1,
+        "cpu_threads": 1,  # up to three engines share 2 cores; more threads spin against each other
         **overrides,
     }
 

@@ -79,9 +79,9 @@ def assert_split_matches_reference(url: str) -> None:
     for prompt in PROMPTS:
         text, logprobs = answer(url, SPLIT, prompt)
         ref_text, ref_logprobs = REFERENCE_ANSWERS[prompt]
-        assert text == ref_text
+        assert text == ref_text, (logprobs, ref_logprobs)
         assert logprobs == pytest.approx(ref_logprobs, abs=1e-4)
-    assert paths(url)["split"] == before["split"] + len(PROMPTS)
+    assert paths(url)["split"] == before["split"] + len(PROMPTS), (before, paths(url))
     # The decode server got the prompts' KV cache through the connector, not by computing it.
     assert wait_for(lambda: role_stats("decode")["external_prefix_cache_hits"] > hits_before, timeout_s=10)
 

@@ -139,8 +139,9 @@ def test_server_flags_and_cpu_environment():
 
 def test_prefill_and_decode_roles_get_their_kv_connector():
     nixl = cpu_config()
-    assert kv_transfer_config(nixl, "prefill") == kv_transfer_config(nixl, "decode")
     assert kv_transfer_config(nixl, "prefill")["kv_connector"] == "NixlConnector"
+    assert kv_transfer_config(nixl, "prefill")["kv_role"] == "kv_producer"
+    assert kv_transfer_config(nixl, "decode")["kv_role"] == "kv_consumer"
     assert kv_transfer_config(nixl, "decode")["kv_buffer_device"] == "cpu"
     env = server_env(nixl, "decode", side_channel_host="127.0.0.1", side_channel_port=5600)
     assert env["VLLM_NIXL_SIDE_CHANNEL_PORT"] == "5600" and env["UCX_NET_DEVICES"] == "lo"

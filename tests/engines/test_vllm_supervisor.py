@@ -4,6 +4,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,33 @@ def test_engine_core_is_stopped_when_the_api_server_exits(tmp_path, env):
         assert wait_for(lambda: not process.running, timeout_s=5)
     finally:
         asyncio.run(process.stop(grace_s=1))
+
+
+def test_a_server_stuck_after_a_startup_error_fails_fast_with_its_log(monkeypatch, env):
+    import httpx
+
+    from app.engines.vllm import process as process_module
+
+    monkeypatch.setattr(process_module, "_CRASH_GRACE_S", 0.5)
+    env = {**env, "GATEWAY_ENGINE_SERVER_MODULE": "tests.engines.fake_stuck_server"}
+    process = VLLMServerProcess([], env, "http://127.0.0.1:9", name="stuck")
+    process.start()
+
+    async def wait() -> None:
+        async with httpx.AsyncClient() as client:
+            await process.wait_healthy(client, timeout_s=60)
+
+    try:
+        started = time.monotonic()
+        with pytest.raises(process_module.EngineStartError, match="Address already in use"):
+            asyncio.run(wait())
+        assert time.monotonic() - started < 20
+    finally:
+        asyncio.run(process.stop(grace_s=1))
+
+
+def test_engine_ports_avoid_the_ephemeral_range():
+    from app.engines.vllm.process import free_port
+
+    ports = {free_port() for _ in range(20)}
+    assert all(20000 <= port < 30000 for port in ports)

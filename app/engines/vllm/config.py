@@ -67,6 +67,13 @@ class VLLMEngineConfig(BaseModel):
     gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
     enforce_eager: bool = False
     cpu_kv_cache_gib: int = Field(default=4, ge=1, description="CPU only: KV cache GiB (VLLM_CPU_KVCACHE_SPACE).")
+    cpu_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="CPU only: compute threads of this engine (OMP_NUM_THREADS); default: every core. Engines "
+        "sharing a machine must split its cores: measured on 2 cores, two servers with the default spun "
+        "against each other and requests stalled for up to 30 s; with 1 thread each they did not.",
+    )
     kv_transfer: KVTransferConfig = Field(default_factory=KVTransferConfig)
     extra_args: list[str] = Field(default_factory=list, description="More `vllm serve` flags, passed as given.")
     env: dict[str, str] = Field(default_factory=dict, description="More environment variables for the engine.")

@@ -87,7 +87,8 @@ class VLLMServerEngine:
                 self.config, served_model_name=self.model, max_model_len=self._max_model_len, port=port,
                 role=self.role, kv_events_endpoint=self._events.endpoint if self._events else None,
             )
-            env = server_env(self.config, self.role, side_channel_host=self._host_ip, side_channel_port=free_port())
+            env = server_env(self.config, self.role, side_channel_host=self._host_ip,
+                             side_channel_port=free_port(self._host_ip))
             # Streams can idle for long between tokens under load; only connecting is bounded.
             self._http = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0), limits=httpx.Limits(
                 max_connections=None, max_keepalive_connections=64))

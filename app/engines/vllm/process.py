@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -39,14 +40,33 @@ _BASE_ENV = {
 }
 
 
+_CRASH_MARKERS = ("Exception in thread", "Traceback (most recent call last)")
+_CRASH_GRACE_S = 15.0
+
+
 class EngineStartError(RuntimeError):
     """The vLLM server did not become healthy; the message carries the end of its log."""
 
 
+# Ports for the engine's own listeners come from below Linux's ephemeral range (32768-60999), so an
+# outgoing connection cannot take one between our check and vLLM's bind, and above Ray's worker
+# ports (10002-19999). A port that bind(0) returned and we closed is no such guarantee: measured,
+# a prefill and a decode replica starting together got the same one for their NIXL side channels.
+_PORT_RANGE = (20000, 30000)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A port nobody listens on at `host` now, picked at random from _PORT_RANGE."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(*_PORT_RANGE)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {_PORT_RANGE} on {host}")
 
 
 def kv_transfer_config(config: VLLMEngineConfig, role: EngineRole) -> dict[str, Any] | None:
@@ -57,7 +77,8 @@ def kv_transfer_config(config: VLLMEngineConfig, role: EngineRole) -> dict[str, 
     if transfer.connector == "nixl":
         return {
             "kv_connector": "NixlConnector",
-            "kv_role": "kv_both",
+            # vLLM 0.32 deprecates kv_both for NIXL in favour of a role per engine.
+            "kv_role": "kv_producer" if role == "prefill" else "kv_consumer",
             "kv_buffer_device": transfer.buffer_device or config.device,
             "kv_connector_extra_config": dict(transfer.extra_config),
         }
@@ -120,6 +141,8 @@ def server_env(
     if config.device == "cpu":
         env.update(_CPU_ENV)
         env["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kv_cache_gib)
+        if config.cpu_threads is not None:
+            env["OMP_NUM_THREADS"] = str(config.cpu_threads)
     if role != "mixed" and config.kv_transfer.connector == "nixl":
         env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = side_channel_host
         env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(side_channel_port)
@@ -140,6 +163,7 @@ class VLLMServerProcess:
         self.name = name
         self._process: subprocess.Popen[bytes] | None = None
         self._log_tail: collections.deque[str] = collections.deque(maxlen=40)
+        self._error_seen_at: float | None = None
 
     @property
     def pid(self) -> int | None:
@@ -168,18 +192,29 @@ class VLLMServerProcess:
         assert process is not None and process.stdout is not None
         prefix = f"[{self.name}] ".encode()
         for line in process.stdout:
-            self._log_tail.append(line.decode(errors="replace").rstrip())
+            text = line.decode(errors="replace").rstrip()
+            self._log_tail.append(text)
+            if self._error_seen_at is None and any(marker in text for marker in _CRASH_MARKERS):
+                self._error_seen_at = time.monotonic()
             with contextlib.suppress(OSError, ValueError):
                 sys.stderr.buffer.write(prefix + line)
                 sys.stderr.flush()
 
     def log_tail(self) -> str:
-        return "\n".join(self._log_tail)
+        return "\n".join(list(self._log_tail))  # a copy: the relay thread appends meanwhile
 
     async def wait_healthy(self, client: httpx.AsyncClient, timeout_s: float) -> float:
         """Seconds until /health answered 200; raises EngineStartError if the server died or timed out."""
         started = time.monotonic()
         while time.monotonic() - started < timeout_s:
+            # A crashed thread (vLLM's NIXL handshake listener, for one) can leave the server up but
+            # never ready; do not wait the whole startup timeout for it.
+            crashed_at = self._error_seen_at
+            if crashed_at is not None and time.monotonic() - crashed_at > _CRASH_GRACE_S:
+                raise EngineStartError(
+                    f"vLLM server {self.name} hit an error while starting and is not serving. Its last "
+                    f"output:\n{self.log_tail()}"
+                )
             if not self.running:
                 await asyncio.sleep(0.2)  # let the relay thread catch the last lines
                 raise EngineStartError(
