@@ -229,9 +229,3 @@ class VLLMServerEngine:
         task = self._streams.get(request_id)
         if task is not None:
             task.cancel()
-
-    # -- for tests and operators ---------------------------------------------------------------
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process else None
