@@ -177,6 +177,11 @@ class IngressConfig(_Strict):
     )
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="Larger bodies get 413.")
     retry_after_s: float = Field(default=1.0, gt=0, description="Retry-After sent with 429 and 503.")
+    stream_from_engines: bool = Field(
+        default=True,
+        description="Stream tokens straight from an engine's own HTTP server when it has one (real vLLM) "
+        "and this ingress can reach it, instead of through the engine replica (one Ray hop less).",
+    )
     ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})
 
 

@@ -43,6 +43,16 @@ def metric_value(metrics_text: str, name: str) -> float:
     return total
 
 
+def metric_sample(metrics_text: str, name: str, **labels: str) -> float:
+    """Sum of a metric's samples whose labels include `labels` (0 when none)."""
+    wanted = [f'{key}="{value}"' for key, value in labels.items()]
+    total = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith(name + "{") and all(label in line.split("}")[0] for label in wanted):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 def start_local_serve() -> int:
     """Start Ray (2 logical CPUs, no dashboard) and Serve's proxy on a free loopback port."""
     import ray

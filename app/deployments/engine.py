@@ -66,6 +66,8 @@ class EngineServer:
             hash_algo=cache.prefix_caching_hash_algo,
             hash_seed=cache.hash_seed,
             kv_events=True,
+            endpoint_url=getattr(self.engine, "endpoint_url", None),
+            node_id=ray.get_runtime_context().get_node_id(),
         )
         self.reporter = EngineReporter(
             context.app_name if context else "",
@@ -106,8 +108,8 @@ class EngineServer:
         return self.engine.stats()
 
     def engine_url(self) -> str | None:
-        """The engine's own OpenAI server on this node (real vLLM engines), for benchmarks and debugging."""
-        return getattr(self.engine, "base_url", None)
+        """The engine's own OpenAI server (real vLLM engines), as the ingress reaches it."""
+        return getattr(self.engine, "endpoint_url", None)
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Published to Serve request routers (replica.routing_stats)."""

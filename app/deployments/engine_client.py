@@ -61,7 +61,7 @@ class ServeEngineClient:
                         retry_after_s=self._retry_after_s,
                     ) from None
                 logger.warning("engine replica failed before answering %s (%s); retrying", request.request_id, error)
-                request = _without_failed_replica(request, error)
+                request = without_failed_replica(request, error)
             finally:
                 if not (finished or failed):
                     # The caller stopped reading (client gone): stop the engine request too.
@@ -70,7 +70,7 @@ class ServeEngineClient:
                         response.cancel()
 
 
-def _without_failed_replica(request: EngineRequest, error: BaseException) -> EngineRequest:
+def without_failed_replica(request: EngineRequest, error: BaseException) -> EngineRequest:
     """The retry goes down the ranking past the replica that failed (when it is known), and
     recomputes the prompt instead of pulling a KV cache that the failed attempt may have consumed."""
     cause = getattr(error, "cause", None) or error

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
@@ -24,6 +25,7 @@ from app.api.metrics import GatewayMetrics
 from app.api.serving import Endpoint, EngineClient, OpenAIServing, ServedModel
 from app.config import GatewayConfig, ModelConfig
 from app.deployments.cluster_sync import RouterStateSync
+from app.deployments.direct_stream import DirectStreamEngineClient, engine_streams_counter, new_http_client
 from app.deployments.disaggregation import DisaggregatedEngineClient, DisaggregationMetrics
 from app.deployments.engine_client import ServeEngineClient
 from app.deployments.routing import RoutedEngineClient, RouterMetrics
@@ -46,6 +48,7 @@ class OpenAIIngress:
         self.metrics = GatewayMetrics()
         self.router_metrics = RouterMetrics(self.metrics.registry)
         self.split_metrics = DisaggregationMetrics(self.metrics.registry)
+        self.engine_streams = engine_streams_counter(self.metrics.registry)
         self.cluster = ClusterState(
             speculative_ttl_s=gateway.routing.speculative_ttl_s, stale_after_s=gateway.routing.stale_after_s
         )
@@ -55,11 +58,15 @@ class OpenAIIngress:
         self.sync = RouterStateSync(context.app_name if context else "", self.cluster, gateway.cluster_state)
         self.sync.on_synced = self._publish_replica_load
         self._sync_task: asyncio.Task[None] | None = None
+        self._stream_from_engines = limits.stream_from_engines
+        self._node_id = ray.get_runtime_context().get_node_id()
+        self._http = new_http_client()
+        tokenizers = {model.name: PromptTokenizer.from_dir(model.tokenizer_dir) for model in gateway.models}
         models = [
             ServedModel(
                 name=model.name,
-                tokenizer=PromptTokenizer.from_dir(model.tokenizer_dir),
-                engine=self._engine_client(model, engines[model.name], limits.retry_after_s),
+                tokenizer=tokenizers[model.name],
+                engine=self._engine_client(model, engines[model.name], limits.retry_after_s, tokenizers[model.name]),
                 max_model_len=model.max_model_len,
                 block_size=model.engine.block_size,
                 hasher=get_hasher(model.engine.hash_algo, model.engine.hash_seed),
@@ -79,13 +86,26 @@ class OpenAIIngress:
             self._ensure_syncing()
 
     def _engine_client(
-        self, model: ModelConfig, handles: dict[str, DeploymentHandle], retry_after_s: float
+        self,
+        model: ModelConfig,
+        handles: dict[str, DeploymentHandle],
+        retry_after_s: float,
+        tokenizer: PromptTokenizer,
     ) -> EngineClient:
-        clients: dict[str, EngineClient] = {
+        clients: dict[str, EngineClient] = {}
+        for role, handle in handles.items():
             # A failed prefill is not retried: the decode replica computing the prompt is faster.
-            role: ServeEngineClient(handle, retry_after_s=retry_after_s, max_attempts=1 if role == "prefill" else 3)
-            for role, handle in handles.items()
-        }
+            retry = role != "prefill"
+            client: EngineClient = ServeEngineClient(
+                handle, retry_after_s=retry_after_s, max_attempts=3 if retry else 1
+            )
+            if self._stream_from_engines:
+                client = DirectStreamEngineClient(
+                    client, self.cluster, self._http, served_model_name=model.name,
+                    tokenizer=tokenizer,
+                    node_id=self._node_id, retry=retry, retry_after_s=retry_after_s, streams=self.engine_streams,
+                )
+            clients[role] = client
         split = model.disaggregation
         if split is None and not self.ranks_requests:
             return clients["mixed"]

@@ -36,6 +36,13 @@ class ReplicaInfo(BaseModel):
     hash_algo: str = "sha256"
     hash_seed: str = "0"
     kv_events: bool = Field(default=True, description="Whether the engine publishes KV events.")
+    endpoint_url: str | None = Field(
+        default=None,
+        description="The engine's own OpenAI server, when it has one: routers stream from it directly.",
+    )
+    node_id: str | None = Field(
+        default=None, description="The cluster node the engine runs on (a loopback endpoint is reachable only there)."
+    )
 
 
 class ReplicaStats(BaseModel):

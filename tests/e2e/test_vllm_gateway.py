@@ -11,7 +11,7 @@ from ray import serve
 from app.config import parse_gateway_config
 from app.deployments.builder import build_gateway
 from tests.e2e.conftest import engine_processes, vllm_cpu_engine
-from tests.helpers import start_local_serve, stop_local_serve, wait_for
+from tests.helpers import metric_sample, start_local_serve, stop_local_serve, wait_for
 
 pytestmark = [pytest.mark.serve, pytest.mark.vllm]
 
@@ -79,6 +79,10 @@ def test_openai_client_streams_from_real_vllm(gateway):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     assert chunks[-1].usage.completion_tokens == 12
     assert chunks[-1].usage.prompt_tokens > 5
+    # The ingress streamed from the vLLM server itself, not through the engine replica.
+    metrics = httpx.get(gateway + "/metrics").text
+    assert metric_sample(metrics, "gateway_engine_streams_total", path="direct") >= 1
+    assert metric_sample(metrics, "gateway_engine_streams_total", path="serve") == 0
 
 
 def test_repeated_prompt_is_served_from_cache_with_logprobs(gateway):

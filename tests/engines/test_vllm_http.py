@@ -1,6 +1,10 @@
 """The pieces that talk to a vLLM server, against recorded vLLM 0.32 responses (no vLLM needed)."""
 
+import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -9,7 +13,7 @@ from app.engines.protocol import EngineRequest, EngineRequestRejected, EngineUna
 from app.engines.vllm.client import VLLMCompletionsClient, completion_body
 from app.engines.vllm.config import VLLMEngineConfig
 from app.engines.vllm.metrics import MetricsFormatError, engine_stats
-from app.engines.vllm.process import kv_transfer_config, server_argv, server_env
+from app.engines.vllm.process import NIXL_HOOK_DIR, kv_transfer_config, server_argv, server_env
 
 # Trimmed from a vLLM 0.32 CPU server's /metrics.
 METRICS = """\
@@ -154,3 +158,31 @@ def test_prefill_and_decode_roles_get_their_kv_connector():
 def test_cpu_block_size_must_be_a_multiple_of_32():
     with pytest.raises(ValueError, match="multiple of 32"):
         VLLMEngineConfig(model="m", device="cpu", block_size=16)
+
+
+def test_nixl_engines_on_cpu_get_a_progress_thread_that_sleeps():
+    env = server_env(cpu_config(), "prefill", side_channel_host="127.0.0.1", side_channel_port=5600)
+    assert env["GATEWAY_NIXL_PROGRESS_DELAY_US"] == "10000"
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(NIXL_HOOK_DIR)
+    # GPUs keep NIXL's own busy loop unless asked; 0 turns the hook off on CPU too.
+    gpu = VLLMEngineConfig(model="/models/tiny", device="cuda")
+    assert "GATEWAY_NIXL_PROGRESS_DELAY_US" not in server_env(gpu, "decode", side_channel_host="10.0.0.2",
+                                                             side_channel_port=5600)
+    off = cpu_config(kv_transfer={"progress_delay_us": 0})
+    assert "GATEWAY_NIXL_PROGRESS_DELAY_US" not in server_env(off, "decode", side_channel_host="127.0.0.1",
+                                                             side_channel_port=5600)
+    mixed = server_env(cpu_config(), "mixed", side_channel_host="127.0.0.1", side_channel_port=5600)
+    assert "GATEWAY_NIXL_PROGRESS_DELAY_US" not in mixed
+
+
+def test_the_hook_sets_nixls_progress_thread_timeout():
+    if importlib.util.find_spec("nixl_cu12") is None:
+        if os.environ.get("GATEWAY_REQUIRE_VLLM") == "1":
+            pytest.fail("nixl_cu12 is not installed but GATEWAY_REQUIRE_VLLM=1")
+        pytest.skip("NIXL is not installed")
+    code = "import nixl_cu12._bindings as b; c = b.nixlAgentConfig(); c.pthrDelay = 0; print(c.pthrDelay)"
+    env = server_env(cpu_config(), "decode", side_channel_host="127.0.0.1", side_channel_port=5600)
+    patched = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert patched.stdout.strip() == "10000", patched.stderr
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert plain.stdout.strip() == "0"

@@ -23,6 +23,7 @@ from app.engines.protocol import (
     TokenLogprob,
     TopLogprob,
 )
+from app.tokenizer import PromptTokenizer
 
 
 def completion_body(request: EngineRequest, served_model_name: str, *, stream: bool) -> dict[str, Any]:
@@ -55,6 +56,13 @@ def completion_body(request: EngineRequest, served_model_name: str, *, stream: b
 
 
 TokenDecoder = Callable[[int], str]
+
+
+def token_text(tokenizer: PromptTokenizer | None, token_id: int) -> str:
+    """One token's text for logprobs (vLLM's own form when no tokenizer is at hand)."""
+    if tokenizer is None:
+        return f"token_id:{token_id}"
+    return tokenizer.decode([token_id], skip_special_tokens=False)
 
 
 def _token(key: str, decode: TokenDecoder | None) -> tuple[str, int | None]:

@@ -35,6 +35,13 @@ class KVTransferConfig(BaseModel):
         default=None,
         description="Address decode engines use to reach a NIXL prefill engine; default: the node's IP.",
     )
+    progress_delay_us: int | None = Field(
+        default=None,
+        ge=0,
+        description="NIXL only: how long NIXL's UCX progress thread sleeps between safety wake-ups (it also "
+        "wakes on UCX events). NIXL's own value is 0, a busy loop that takes a whole core per engine; "
+        "default: 10000 on CPU (measured: the spinning threads starved 2-core boxes), NIXL's 0 elsewhere.",
+    )
     extra_config: dict[str, Any] = Field(default_factory=dict, description="More kv_connector_extra_config keys.")
 
     @model_validator(mode="after")
@@ -73,6 +80,13 @@ class VLLMEngineConfig(BaseModel):
         description="CPU only: compute threads of this engine (OMP_NUM_THREADS); default: every core. Engines "
         "sharing a machine must split its cores: measured on 2 cores, two servers with the default spun "
         "against each other and requests stalled for up to 30 s; with 1 thread each they did not.",
+    )
+    server_host: str = Field(
+        default="127.0.0.1",
+        description="Address the vLLM server listens on. The gateway's ingress streams tokens straight from it "
+        "when it can reach it: always on the engine's own node; from other nodes only when this is a "
+        "routable address or 0.0.0.0 (then the node's IP is published). A loopback server seen from "
+        "another node is reached through the engine replica instead, one Ray hop more.",
     )
     kv_transfer: KVTransferConfig = Field(default_factory=KVTransferConfig)
     extra_args: list[str] = Field(default_factory=list, description="More `vllm serve` flags, passed as given.")

@@ -27,7 +27,7 @@ from app.engines.protocol import (
     EngineUnavailableError,
     merge_outputs,
 )
-from app.engines.vllm.client import VLLMCompletionsClient
+from app.engines.vllm.client import VLLMCompletionsClient, token_text
 from app.engines.vllm.config import VLLMEngineConfig
 from app.engines.vllm.kv_events import KVEventSubscriber
 from app.engines.vllm.metrics import MetricsFormatError, engine_stats
@@ -37,6 +37,11 @@ from app.tokenizer import PromptTokenizer
 logger = logging.getLogger(__name__)
 
 _END = object()
+_ANY_ADDRESS = ("0.0.0.0", "::")
+
+
+def _http_url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 class VLLMServerEngine:
@@ -59,7 +64,9 @@ class VLLMServerEngine:
         self.engine_id = engine_id or f"vllm-{uuid.uuid4().hex[:8]}"
         self._max_model_len = max_model_len
         self._tokenizer = tokenizer
+        self._node_ip = host_ip
         self._host_ip = config.kv_transfer.side_channel_host or host_ip
+        self._endpoint_url: str | None = None
         self._process: VLLMServerProcess | None = None
         self._http: httpx.AsyncClient | None = None
         self._completions: VLLMCompletionsClient | None = None
@@ -80,8 +87,11 @@ class VLLMServerEngine:
         async with self._start_lock:
             if self._started:
                 return
-            port = free_port()
-            base_url = f"http://127.0.0.1:{port}"
+            host = self.config.server_host
+            port = free_port("0.0.0.0" if host == "::" else host)
+            # The replica itself talks to the server over loopback when it listens everywhere.
+            base_url = _http_url("127.0.0.1" if host in _ANY_ADDRESS else host, port)
+            self._endpoint_url = _http_url(self._node_ip if host in _ANY_ADDRESS else host, port)
             self._events = KVEventSubscriber() if self.config.enable_prefix_caching else None
             argv = server_argv(
                 self.config, served_model_name=self.model, max_model_len=self._max_model_len, port=port,
@@ -135,10 +145,14 @@ class VLLMServerEngine:
         assert self._process is not None, "start() the engine first"
         return self._process.base_url
 
+    @property
+    def endpoint_url(self) -> str:
+        """The server as other nodes reach it (the ingress streams from it directly)."""
+        assert self._endpoint_url is not None, "start() the engine first"
+        return self._endpoint_url
+
     def _decode_token(self, token_id: int) -> str:
-        if self._tokenizer is None:
-            return f"token_id:{token_id}"
-        return self._tokenizer.decode([token_id], skip_special_tokens=False)
+        return token_text(self._tokenizer, token_id)
 
     # -- stats ---------------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 import httpx
@@ -53,6 +54,8 @@ class EngineStartError(RuntimeError):
 # ports (10002-19999). A port that bind(0) returned and we closed is no such guarantee: measured,
 # a prefill and a decode replica starting together got the same one for their NIXL side channels.
 _PORT_RANGE = (20000, 30000)
+NIXL_HOOK_DIR = Path(__file__).with_name("nixl_hook")
+NIXL_CPU_PROGRESS_DELAY_US = 10_000
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -105,7 +108,7 @@ def server_argv(
     argv = [
         "--model", config.model,
         "--served-model-name", served_model_name,
-        "--host", "127.0.0.1",  # only this replica talks to it
+        "--host", config.server_host,
         "--port", str(port),
         "--dtype", config.dtype,
         "--block-size", str(config.block_size),
@@ -151,6 +154,13 @@ def server_env(
             env.setdefault("UCX_TLS", "tcp,self,sm")
             if side_channel_host.startswith("127."):
                 env.setdefault("UCX_NET_DEVICES", "lo")
+        delay_us = config.kv_transfer.progress_delay_us
+        if delay_us is None:
+            delay_us = NIXL_CPU_PROGRESS_DELAY_US if config.device == "cpu" else 0
+        if delay_us > 0:
+            # The hook folder holds only sitecustomize.py, which sets NIXL's progress-thread timeout.
+            env["GATEWAY_NIXL_PROGRESS_DELAY_US"] = str(delay_us)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(NIXL_HOOK_DIR), env.get("PYTHONPATH")) if p)
     env.update(config.env)
     return env
 
