@@ -2,11 +2,13 @@
 
     .venv/bin/python -m app.tiny_model models/tiny-llama
     .venv/bin/python benchmarks/vllm_overhead.py overhead --requests 100     # gateway vs vLLM direct
+    .venv/bin/python benchmarks/vllm_overhead.py overhead --via-engine-replica   # ... the older path
     .venv/bin/python benchmarks/vllm_overhead.py split --requests 30          # the prefill/decode hop
 
 overhead: one engine replica; the same streaming chat request sent to its vLLM server directly
 (the server the replica manages, so the engine and its cache are identical) and through the gateway
-(Serve HTTP proxy -> ingress -> engine replica -> vLLM), closed loop at each concurrency.
+(Serve HTTP proxy -> ingress -> vLLM's server; with --via-engine-replica, Serve HTTP proxy -> ingress
+-> engine replica -> vLLM), closed loop at each concurrency.
 
 split: two models in one app on the same weights, one mixed engine and a 1 prefill + 1 decode pair
 (`min_split_tokens: 0`, so every request splits); unique long prompts (no cache hits) one at a time;
@@ -76,7 +78,8 @@ def overhead(args: argparse.Namespace) -> None:
     from ray import serve
 
     port = start({"models": [{"name": "tiny-llama", "max_model_len": 1024, "engine": engine(args.model),
-                              "deployment": {"num_replicas": 1}}]})
+                              "deployment": {"num_replicas": 1}}],
+                  "ingress": {"stream_from_engines": not args.via_engine_replica}})
     try:
         direct = serve.get_deployment_handle("engine-tiny-llama", app_name="gateway").engine_url.remote().result()
         gateway = f"http://127.0.0.1:{port}"
@@ -148,6 +151,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--rounds", type=int, default=2, help="alternate the targets this many times")
     parser.add_argument("--prompt-words", type=int, default=180, help="about 800 tokens")
+    parser.add_argument("--via-engine-replica", action="store_true",
+                        help="overhead: stream through the engine replica (ingress.stream_from_engines: false)")
     parser.add_argument("--connector", choices=["nixl", "shared_storage"], default="nixl")
     args = parser.parse_args()
     args.model = os.path.abspath(args.model)

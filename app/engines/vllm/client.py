@@ -146,7 +146,9 @@ class VLLMCompletionsClient:
                         continue
                     data = line[5:].strip()
                     if data == "[DONE]":
-                        break
+                        # Read on to the end of the body: a connection closed mid-body is not reused,
+                        # and a new one per request costs a TCP handshake on the request path.
+                        continue
                     chunk = json.loads(data)
                     if "error" in chunk:
                         raise EngineUnavailableError(f"vLLM failed the request: {chunk['error']}")
