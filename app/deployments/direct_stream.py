@@ -21,9 +21,8 @@ from urllib.parse import urlsplit
 import httpx
 from prometheus_client import CollectorRegistry, Counter
 
-from app.api.errors import APIError
 from app.api.serving import EngineClient
-from app.deployments.engine_client import without_failed_replica
+from app.deployments.engine_client import replica_failed, without_failed_replica
 from app.engines.protocol import EngineOutput, EngineRequest, EngineUnavailableError
 from app.engines.vllm.client import VLLMCompletionsClient, token_text
 from app.router.state import ClusterState, ReplicaState
@@ -137,8 +136,7 @@ class DirectStreamEngineClient:
             return
         except EngineUnavailableError as error:
             if produced:
-                raise APIError(503, "The engine replica serving this request failed; retry the request.",
-                               retry_after_s=self._retry_after_s) from None
+                raise replica_failed(self._retry_after_s) from None
             self._count("direct_failed")
             error.replica_id = replica_id  # type: ignore[attr-defined]
             if not self._retry:

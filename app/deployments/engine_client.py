@@ -56,10 +56,7 @@ class ServeEngineClient:
             except (RayActorError, EngineUnavailableError) as error:
                 failed = True
                 if produced or attempt == self._max_attempts:
-                    raise APIError(
-                        503, "The engine replica serving this request failed; retry the request.",
-                        retry_after_s=self._retry_after_s,
-                    ) from None
+                    raise replica_failed(self._retry_after_s) from None
                 logger.warning("engine replica failed before answering %s (%s); retrying", request.request_id, error)
                 request = without_failed_replica(request, error)
             finally:
@@ -68,6 +65,12 @@ class ServeEngineClient:
                     # Best effort; an error here must not hide the one being raised.
                     with contextlib.suppress(Exception):
                         response.cancel()
+
+
+def replica_failed(retry_after_s: float) -> APIError:
+    """The error for a request whose engine failed after answering in part, or on its last attempt."""
+    return APIError(503, "The engine replica serving this request failed; retry the request.",
+                    retry_after_s=retry_after_s)
 
 
 def without_failed_replica(request: EngineRequest, error: BaseException) -> EngineRequest:
