@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import sys
@@ -38,10 +39,14 @@ PROMPT = "Explain how a prefix cache helps a gateway route requests. " * 4
 WORDS = "amber basil cedar delta ember fjord garnet hazel indigo juniper kelp lilac".split()
 
 
+ENGINE_SETTINGS: dict = {}
+"""--engine-set KEY=JSON: engine settings to compare, applied to every engine of the run."""
+
+
 def engine(model_dir: str, **extra) -> dict:
     return {"kind": "vllm", "model": model_dir, "device": "cpu", "dtype": "float32", "enforce_eager": True,
             "block_size": 32, "max_num_seqs": 8, "max_num_batched_tokens": 1024, "cpu_kv_cache_gib": 1,
-            "cpu_threads": 1, **extra}
+            "cpu_threads": 1, **ENGINE_SETTINGS, **extra}
 
 
 def row(target: str, concurrency: int, s: dict[str, float]) -> str:
@@ -154,7 +159,12 @@ def main() -> None:
     parser.add_argument("--via-engine-replica", action="store_true",
                         help="overhead: stream through the engine replica (ingress.stream_from_engines: false)")
     parser.add_argument("--connector", choices=["nixl", "shared_storage"], default="nixl")
+    parser.add_argument("--engine-set", action="append", default=[], metavar="KEY=JSON",
+                        help="an engine setting for every engine, e.g. shm_poll_sleep_us=0 (repeatable)")
     args = parser.parse_args()
+    for setting in args.engine_set:
+        key, _, value = setting.partition("=")
+        ENGINE_SETTINGS[key] = json.loads(value)
     args.model = os.path.abspath(args.model)
     if args.what == "overhead":
         overhead(args)

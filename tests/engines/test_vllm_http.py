@@ -13,7 +13,7 @@ from app.engines.protocol import EngineRequest, EngineRequestRejected, EngineUna
 from app.engines.vllm.client import VLLMCompletionsClient, completion_body
 from app.engines.vllm.config import VLLMEngineConfig
 from app.engines.vllm.metrics import MetricsFormatError, engine_stats
-from app.engines.vllm.process import NIXL_HOOK_DIR, kv_transfer_config, server_argv, server_env
+from app.engines.vllm.process import ENGINE_HOOK_DIR, kv_transfer_config, server_argv, server_env
 
 # Trimmed from a vLLM 0.32 CPU server's /metrics.
 METRICS = """\
@@ -163,7 +163,7 @@ def test_cpu_block_size_must_be_a_multiple_of_32():
 def test_nixl_engines_on_cpu_get_a_progress_thread_that_sleeps():
     env = server_env(cpu_config(), "prefill", side_channel_host="127.0.0.1", side_channel_port=5600)
     assert env["GATEWAY_NIXL_PROGRESS_DELAY_US"] == "10000"
-    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(NIXL_HOOK_DIR)
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(ENGINE_HOOK_DIR)
     # GPUs keep NIXL's own busy loop unless asked; 0 turns the hook off on CPU too.
     gpu = VLLMEngineConfig(model="/models/tiny", device="cuda")
     assert "GATEWAY_NIXL_PROGRESS_DELAY_US" not in server_env(gpu, "decode", side_channel_host="10.0.0.2",
@@ -173,6 +173,40 @@ def test_nixl_engines_on_cpu_get_a_progress_thread_that_sleeps():
                                                              side_channel_port=5600)
     mixed = server_env(cpu_config(), "mixed", side_channel_host="127.0.0.1", side_channel_port=5600)
     assert "GATEWAY_NIXL_PROGRESS_DELAY_US" not in mixed
+
+
+def test_cpu_engines_sleep_between_checks_of_vllms_step_queue():
+    for role in ("mixed", "prefill", "decode"):
+        env = server_env(cpu_config(), role, side_channel_host="127.0.0.1", side_channel_port=5600)
+        assert env["GATEWAY_SHM_POLL_SLEEP_US"] == "200"
+        assert env["PYTHONPATH"].split(os.pathsep)[0] == str(ENGINE_HOOK_DIR)
+    gpu = server_env(VLLMEngineConfig(model="/models/tiny", device="cuda"), "mixed", side_channel_host="10.0.0.2",
+                     side_channel_port=5600)
+    assert "GATEWAY_SHM_POLL_SLEEP_US" not in gpu
+    assert str(ENGINE_HOOK_DIR) not in gpu.get("PYTHONPATH", "")
+    off = server_env(cpu_config(shm_poll_sleep_us=0), "mixed", side_channel_host="127.0.0.1", side_channel_port=5600)
+    assert "GATEWAY_SHM_POLL_SLEEP_US" not in off
+
+
+def test_the_hook_makes_vllms_queue_readers_sleep_instead_of_spinning():
+    if importlib.util.find_spec("vllm") is None:
+        if os.environ.get("GATEWAY_REQUIRE_VLLM") == "1":
+            pytest.fail("vllm is not installed but GATEWAY_REQUIRE_VLLM=1")
+        pytest.skip("vLLM is not installed")
+    # A waiting reader calls the module's sched_yield in a loop: each call should sleep (2 ms here)
+    # instead of returning at once.
+    code = ("import time; import vllm.distributed.device_communicators.shm_broadcast as q; "
+            "end = time.monotonic() + 0.03; slow = 0\n"
+            "while time.monotonic() < end:\n"
+            "    t = time.monotonic(); q.sched_yield(); slow += time.monotonic() - t >= 0.0015\n"
+            "print(q.sched_yield.__name__, slow)")
+    env = server_env(cpu_config(shm_poll_sleep_us=2000), "mixed", side_channel_host="127.0.0.1",
+                     side_channel_port=5600)
+    patched = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    name, sleeps = patched.stdout.split()
+    assert name == "pause" and int(sleeps) >= 5, patched.stdout + patched.stderr
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert plain.stdout.split()[0] == "sched_yield"
 
 
 def test_the_hook_sets_nixls_progress_thread_timeout():

@@ -81,6 +81,15 @@ class VLLMEngineConfig(BaseModel):
         "sharing a machine must split its cores: measured on 2 cores, two servers with the default spun "
         "against each other and requests stalled for up to 30 s; with 1 thread each they did not.",
     )
+    shm_poll_sleep_us: int | None = Field(
+        default=None,
+        ge=0,
+        description="How long vLLM's engine core and worker sleep between checks of the shared-memory queue "
+        "that links them while they wait for each other. vLLM's own behaviour (0) spins on sched_yield for "
+        "a second after each message, a core per waiting process; default: 200 on CPU (measured on 2 cores: "
+        "the spinning starved NIXL's handshake thread and stalled decode steps for a second at a time), "
+        "vLLM's spin elsewhere.",
+    )
     server_host: str = Field(
         default="127.0.0.1",
         description="Address the vLLM server listens on. The gateway's ingress streams tokens straight from it "

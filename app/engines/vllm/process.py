@@ -54,8 +54,9 @@ class EngineStartError(RuntimeError):
 # ports (10002-19999). A port that bind(0) returned and we closed is no such guarantee: measured,
 # a prefill and a decode replica starting together got the same one for their NIXL side channels.
 _PORT_RANGE = (20000, 30000)
-NIXL_HOOK_DIR = Path(__file__).with_name("nixl_hook")
+ENGINE_HOOK_DIR = Path(__file__).with_name("engine_hook")
 NIXL_CPU_PROGRESS_DELAY_US = 10_000
+CPU_SHM_POLL_SLEEP_US = 200
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -135,6 +136,23 @@ def server_argv(
     return argv + list(config.extra_args)
 
 
+def _engine_hook_env(config: VLLMEngineConfig, role: EngineRole) -> dict[str, str]:
+    on_cpu = config.device == "cpu"
+    hook_env: dict[str, str] = {}
+    if role != "mixed" and config.kv_transfer.connector == "nixl":
+        delay_us = config.kv_transfer.progress_delay_us
+        if delay_us is None:
+            delay_us = NIXL_CPU_PROGRESS_DELAY_US if on_cpu else 0
+        if delay_us > 0:
+            hook_env["GATEWAY_NIXL_PROGRESS_DELAY_US"] = str(delay_us)
+    sleep_us = config.shm_poll_sleep_us
+    if sleep_us is None:
+        sleep_us = CPU_SHM_POLL_SLEEP_US if on_cpu else 0
+    if sleep_us > 0:
+        hook_env["GATEWAY_SHM_POLL_SLEEP_US"] = str(sleep_us)
+    return hook_env
+
+
 def server_env(
     config: VLLMEngineConfig, role: EngineRole, *, side_channel_host: str, side_channel_port: int
 ) -> dict[str, str]:
@@ -154,13 +172,11 @@ def server_env(
             env.setdefault("UCX_TLS", "tcp,self,sm")
             if side_channel_host.startswith("127."):
                 env.setdefault("UCX_NET_DEVICES", "lo")
-        delay_us = config.kv_transfer.progress_delay_us
-        if delay_us is None:
-            delay_us = NIXL_CPU_PROGRESS_DELAY_US if config.device == "cpu" else 0
-        if delay_us > 0:
-            # The hook folder holds only sitecustomize.py, which sets NIXL's progress-thread timeout.
-            env["GATEWAY_NIXL_PROGRESS_DELAY_US"] = str(delay_us)
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(NIXL_HOOK_DIR), env.get("PYTHONPATH")) if p)
+    hook_env = _engine_hook_env(config, role)
+    if hook_env:
+        # The hook folder holds only sitecustomize.py, which applies these settings.
+        env.update(hook_env)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ENGINE_HOOK_DIR), env.get("PYTHONPATH")) if p)
     env.update(config.env)
     return env
 
