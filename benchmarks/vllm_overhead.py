@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/vllm_overhead.py overhead --requests 100     # gateway vs vLLM direct
     .venv/bin/python benchmarks/vllm_overhead.py overhead --via-engine-replica   # ... the older path
     .venv/bin/python benchmarks/vllm_overhead.py split --requests 30          # the prefill/decode hop
+    RAY_SERVE_ENABLE_DIRECT_INGRESS=1 .venv/bin/python benchmarks/vllm_overhead.py overhead   # no Serve proxy
 
 overhead: one engine replica; the same streaming chat request sent to its vLLM server directly
 (the server the replica manages, so the engine and its cache are identical) and through the gateway
@@ -68,7 +69,22 @@ def start(config: dict) -> int:
     replicas = sum(2 if m.get("disaggregation") else m["deployment"]["num_replicas"] for m in config["models"])
     handle = serve.get_app_handle("gateway")
     assert wait_for(lambda: len(handle.routing_state.remote().result()["replicas"]) == replicas, timeout_s=300)
+    if os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1":
+        return direct_ingress_port()
     return port
+
+
+def direct_ingress_port() -> int:
+    """With Serve's direct ingress there is no proxy: the ingress replica serves HTTP itself, on a
+    port Serve picks from RAY_SERVE_DIRECT_INGRESS_MIN/MAX_HTTP_PORT (30000-31000 by default)."""
+    import psutil
+
+    low = int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "30000"))
+    high = int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", "31000"))
+    ports = sorted({c.laddr.port for c in psutil.net_connections("tcp")
+                    if c.status == psutil.CONN_LISTEN and low <= c.laddr.port <= high})
+    assert len(ports) == 1, f"expected one direct-ingress HTTP port, found {ports}"
+    return ports[0]
 
 
 def stop() -> None:
