@@ -2,6 +2,7 @@
 Serve config file, both rejecting unknown keys with the path of the offending key.
 
     python -m app.config check configs/local.yaml     # validate a Serve config file
+    python -m app.config direct-ingress-env configs/local.yaml [PORT]   # Ray settings, direct ingress
 """
 
 from __future__ import annotations
@@ -313,12 +314,54 @@ def load_serve_config(path: str | Path) -> ServeConfigFile:
         raise ConfigError(f"{path}: invalid config:\n{describe(error)}") from None
 
 
-def main(argv: list[str]) -> int:
-    if len(argv) < 2 or argv[0] != "check":
-        print("usage: python -m app.config check FILE [FILE ...]", file=sys.stderr)
-        return 2
+def direct_ingress_env(config: ServeConfigFile, port: int | None = None) -> dict[str, str]:
+    """The Ray settings that make the ingress replica also serve HTTP itself (Serve's direct ingress), on
+    `port` (default `http_options.port + 1`), with no Serve proxy in front: one hop less per request.
+
+    Serve keeps its proxy on `http_options.port` in this mode, so both addresses work. Ray hands each
+    ingress replica a port from a range; a range of exactly `port` makes the address predictable, so
+    there must be exactly one ingress replica, which also means one node.
+    """
+    if config.proxy_location == "Disabled":
+        raise ConfigError("direct ingress serves HTTP; proxy_location: Disabled turns HTTP off")
+    proxy_port = config.http_options.port
+    port = proxy_port + 1 if port is None else port
+    if port == proxy_port or not 1 <= port <= 65534:
+        raise ConfigError(f"direct ingress port {port}: pick a free port other than the Serve proxy's "
+                          f"http_options.port {proxy_port}")
+    replicas = 0
+    for application in config.applications:
+        count: int | str | None = application.args.ingress.num_replicas
+        for override in application.deployments:
+            if override.name == "ingress":
+                if override.autoscaling_config is not None or override.num_replicas == "auto":
+                    count = "autoscaled"
+                elif override.num_replicas is not None:
+                    count = override.num_replicas
+        if not isinstance(count, int):
+            raise ConfigError(f"application {application.name!r}: direct ingress needs a fixed ingress "
+                              "replica count of 1, not an autoscaled one")
+        replicas += count
+    if replicas != 1:
+        raise ConfigError(f"direct ingress binds one port in one ingress replica; this file has "
+                          f"{replicas} ingress replicas (all applications together). Use the Serve proxy "
+                          "(the default) for more.")
+    return {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),  # exclusive
+        # Ray holds a released port back (150 s by default) for a load balancer to notice; with none in
+        # front, a restarted ingress replica must get its port back at once.
+        "RAY_SERVE_PORT_QUARANTINE_S": "0",
+        # And a stopping ingress replica would wait 30 s for a load balancer to deregister it before it
+        # drains, which would hold up every shutdown. In-flight requests are still drained.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+    }
+
+
+def _check(paths: list[str]) -> int:
     failed = 0
-    for path in argv[1:]:
+    for path in paths:
         try:
             load_serve_config(path)
             print(f"{path}: ok")
@@ -326,6 +369,37 @@ def main(argv: list[str]) -> int:
             print(error, file=sys.stderr)
             failed += 1
     return 1 if failed else 0
+
+
+def _print_direct_ingress_env(path: str, port: int | None) -> int:
+    try:
+        config = load_serve_config(path)
+    except (ConfigError, OSError, ValueError) as error:
+        print(error, file=sys.stderr)
+        return 1
+    try:
+        env = direct_ingress_env(config, port)
+    except ConfigError as error:
+        print(f"{path}: {error}", file=sys.stderr)
+        return 1
+    for key, value in env.items():
+        print(f"export {key}={value}")
+    return 0
+
+
+USAGE = "usage: python -m app.config check FILE [FILE ...] | direct-ingress-env FILE [PORT]"
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) >= 2 and argv[0] == "check":
+        return _check(argv[1:])
+    if len(argv) in (2, 3) and argv[0] == "direct-ingress-env":
+        if len(argv) == 3 and not argv[2].isdigit():
+            print(f"PORT must be a number, not {argv[2]!r}", file=sys.stderr)
+            return 2
+        return _print_direct_ingress_env(argv[1], int(argv[2]) if len(argv) == 3 else None)
+    print(USAGE, file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/vllm_overhead.py overhead --requests 100     # gateway vs vLLM direct
     .venv/bin/python benchmarks/vllm_overhead.py overhead --via-engine-replica   # ... the older path
     .venv/bin/python benchmarks/vllm_overhead.py split --requests 30          # the prefill/decode hop
-    RAY_SERVE_ENABLE_DIRECT_INGRESS=1 .venv/bin/python benchmarks/vllm_overhead.py overhead   # no Serve proxy
+    .venv/bin/python benchmarks/vllm_overhead.py overhead --direct-ingress   # no Serve proxy (README)
 
 overhead: one engine replica; the same streaming chat request sent to its vLLM server directly
 (the server the replica manages, so the engine and its cache are identical) and through the gateway
@@ -55,36 +55,31 @@ def row(target: str, concurrency: int, s: dict[str, float]) -> str:
             f"{s['ttft_p99_ms']:.1f} | {s['itl_mean_ms']:.2f} | {s['e2e_p50_ms']:.1f} | {s['req_per_s']:.2f} |")
 
 
+DIRECT_INGRESS = False
+"""--direct-ingress: the gateway's direct-ingress mode (README), the Ray settings scripts/run-local.sh sets."""
+
+
 def start(config: dict) -> int:
+    """Starts the gateway; returns the port clients use: the Serve proxy's, or with --direct-ingress the
+    ingress replica's own."""
     import ray
     from ray import serve
 
-    from app.config import parse_gateway_config
+    from app.config import ServeConfigFile, direct_ingress_env, parse_gateway_config
     from app.deployments.builder import build_gateway
 
     port = free_port()
+    direct_port = free_port()
+    if DIRECT_INGRESS:  # before ray.init: Ray's processes read these when they start
+        file = ServeConfigFile.model_validate({"http_options": {"port": port}, "applications": [{"args": config}]})
+        os.environ.update(direct_ingress_env(file, direct_port))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_gateway(parse_gateway_config(config)), name="gateway", route_prefix="/")
     replicas = sum(2 if m.get("disaggregation") else m["deployment"]["num_replicas"] for m in config["models"])
     handle = serve.get_app_handle("gateway")
     assert wait_for(lambda: len(handle.routing_state.remote().result()["replicas"]) == replicas, timeout_s=300)
-    if os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1":
-        return direct_ingress_port()
-    return port
-
-
-def direct_ingress_port() -> int:
-    """With Serve's direct ingress there is no proxy: the ingress replica serves HTTP itself, on a
-    port Serve picks from RAY_SERVE_DIRECT_INGRESS_MIN/MAX_HTTP_PORT (30000-31000 by default)."""
-    import psutil
-
-    low = int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "30000"))
-    high = int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", "31000"))
-    ports = sorted({c.laddr.port for c in psutil.net_connections("tcp")
-                    if c.status == psutil.CONN_LISTEN and low <= c.laddr.port <= high})
-    assert len(ports) == 1, f"expected one direct-ingress HTTP port, found {ports}"
-    return ports[0]
+    return direct_port if DIRECT_INGRESS else port
 
 
 def stop() -> None:
@@ -175,9 +170,13 @@ def main() -> None:
     parser.add_argument("--via-engine-replica", action="store_true",
                         help="overhead: stream through the engine replica (ingress.stream_from_engines: false)")
     parser.add_argument("--connector", choices=["nixl", "shared_storage"], default="nixl")
+    parser.add_argument("--direct-ingress", action="store_true",
+                        help="clients call the ingress replica's own HTTP server, no Serve proxy (README)")
     parser.add_argument("--engine-set", action="append", default=[], metavar="KEY=JSON",
                         help="an engine setting for every engine, e.g. shm_poll_sleep_us=0 (repeatable)")
     args = parser.parse_args()
+    global DIRECT_INGRESS
+    DIRECT_INGRESS = args.direct_ingress
     for setting in args.engine_set:
         key, _, value = setting.partition("=")
         ENGINE_SETTINGS[key] = json.loads(value)
