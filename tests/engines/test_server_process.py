@@ -1,5 +1,6 @@
 """`python -m app.engines.simulated --port N` as a separate process, driven by the official openai client."""
 
+import asyncio
 import subprocess
 import sys
 
@@ -7,6 +8,9 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from app.engines.vllm.kv_events import KVEventSubscriber
+from app.router.hashing import get_hasher
+from app.tokenizer import BUILTIN_TOKENIZER_DIR, PromptTokenizer
 from tests.helpers import free_port, metric_value, wait_for, wait_until_ready
 
 
@@ -48,3 +52,46 @@ def test_disconnect_mid_stream_frees_the_engine(server_url):
     assert wait_for(lambda: metric_value(httpx.get(server_url + "/metrics").text,
                                          "vllm:num_requests_running") == 0, timeout_s=10)
     assert metric_value(httpx.get(server_url + "/metrics").text, "vllm:kv_cache_usage_perc") == 0
+
+
+def _start_server(port: int, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "app.engines.simulated", "--port", str(port), "--time-scale", "0.05", *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+async def test_kv_events_are_published_over_zmq_like_vllm():
+    # A router subscribed to this server (as to a real vLLM server) learns exactly the prompt's blocks.
+    port, events_port = free_port(), free_port()
+    endpoint = f"tcp://127.0.0.1:{events_port}"
+    process = _start_server(port, "--kv-events-endpoint", endpoint)
+    subscriber = KVEventSubscriber(connect=endpoint)
+    subscriber.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_ready(url + "/health", timeout_s=60)
+        prompt = "the same long system prompt, block after block, " * 8
+        async with httpx.AsyncClient(base_url=url) as client:
+            # ZMQ drops what a PUB socket sends before the subscription reaches it: wait for one batch.
+            for _ in range(100):
+                await client.post("/v1/completions", json={"model": "sim-llama", "prompt": "warm up", "max_tokens": 1})
+                await asyncio.sleep(0.1)
+                if subscriber.take():
+                    break
+            reply = await client.post("/v1/completions", json={"model": "sim-llama", "prompt": prompt,
+                                                                 "max_tokens": 1})
+            assert reply.status_code == 200
+        tokens = PromptTokenizer.from_dir(BUILTIN_TOKENIZER_DIR).encode(prompt)
+        expected = get_hasher("sha256", "0").block_hashes(tokens, 16)
+        assert len(expected) >= 4
+        for _ in range(50):
+            if set(expected) <= set(subscriber.cached_block_hashes()):
+                break
+            await asyncio.sleep(0.1)
+        assert set(expected) <= set(subscriber.cached_block_hashes())
+        assert subscriber.missed_batches == 0
+    finally:
+        await subscriber.close()
+        process.terminate()
+        process.wait(timeout=30)

@@ -1,9 +1,11 @@
 """The simulated engine as a standalone OpenAI-compatible HTTP server, like `vllm serve`.
 
     python -m app.engines.simulated --port 8100 [--model sim-llama] [--engine-config engine.yaml]
+        [--kv-events-endpoint tcp://127.0.0.1:5557]
 
 Serves /v1/completions, /v1/chat/completions (streaming and not), /v1/models, /health and /metrics
-(vLLM metric names), so any HTTP router or benchmark tool can drive it.
+(vLLM metric names), so any HTTP router or benchmark tool can drive it. With --kv-events-endpoint it
+also publishes its KV-cache events over ZMQ, as vLLM's zmq publisher does.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from app.api.http import PROMETHEUS_CONTENT_TYPE, OpenAIHTTP, install_error_hand
 from app.api.serving import OpenAIServing, ServedModel
 from app.engines.simulated.config import SimulatedEngineConfig
 from app.engines.simulated.engine import SimulatedEngine
+from app.engines.simulated.kv_publisher import KVEventPublisher
 from app.router.hashing import get_hasher
 from app.tokenizer import BUILTIN_TOKENIZER_DIR, PromptTokenizer
 
@@ -33,6 +36,7 @@ def create_app(
     tokenizer_dir: Path = BUILTIN_TOKENIZER_DIR,
     max_model_len: int = 4096,
     max_body_bytes: int = 8 * 1024 * 1024,
+    kv_events_endpoint: str | None = None,
 ) -> FastAPI:
     tokenizer = PromptTokenizer.from_dir(tokenizer_dir)
     engine = SimulatedEngine(engine_config, tokenizer, model=model, max_model_len=max_model_len)
@@ -49,8 +53,15 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await engine.start()
-        yield
-        await engine.shutdown()
+        publisher = KVEventPublisher(engine, kv_events_endpoint) if kv_events_endpoint else None
+        if publisher is not None:
+            publisher.start()
+        try:
+            yield
+        finally:
+            if publisher is not None:
+                await publisher.close()
+            await engine.shutdown()
 
     app = FastAPI(title="Simulated vLLM", lifespan=lifespan)
     app.state.engine = engine
@@ -89,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--engine-config", type=Path, help="YAML or JSON with SimulatedEngineConfig fields")
     parser.add_argument("--time-scale", type=float, help="wall seconds per modelled second (0.1 = 10x faster)")
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--kv-events-endpoint", metavar="ZMQ_ENDPOINT",
+                        help="publish KV-cache events here as vLLM does, e.g. tcp://127.0.0.1:5557")
     args = parser.parse_args(argv)
 
     fields = yaml.safe_load(args.engine_config.read_text()) if args.engine_config else {}
@@ -101,5 +114,6 @@ def main(argv: list[str] | None = None) -> None:
         model=args.model,
         tokenizer_dir=args.tokenizer,
         max_model_len=args.max_model_len,
+        kv_events_endpoint=args.kv_events_endpoint,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

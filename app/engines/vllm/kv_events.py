@@ -1,47 +1,46 @@
 """Receives a vLLM engine's KV-cache events over ZMQ and keeps a mirror of what it has cached.
 
-The subscriber binds a loopback port before the engine starts and vLLM connects to it, so nothing
-published from the first block on is missed. Payload frames are passed on untouched (the cluster
-state decodes them, as it does a simulated engine's); the mirror answers `cached_block_hashes()`
-when the replica has to register again, for example after the state actor restarted.
+For an engine the gateway starts, the subscriber binds a loopback port before the engine starts and
+vLLM connects to it, so nothing published from the first block on is missed. For a server someone
+else runs (vLLM binds its own publisher), it connects to the server's endpoint instead. Payload
+frames are passed on untouched (the cluster state decodes them, as it does a simulated engine's);
+the mirror answers `cached_block_hashes()` when the replica has to register again, for example
+after the state actor restarted.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import contextlib
 import logging
 
+from app.engines.zmq_socket import ZMQSocketTask
 from app.router.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventDecodeError, decode_batch
 
 logger = logging.getLogger(__name__)
 
 
-class KVEventSubscriber:
-    def __init__(self, *, host: str = "127.0.0.1", max_pending_batches: int = 10_000) -> None:
-        import zmq  # installed with vLLM; only real engines need it
-        import zmq.asyncio
+class KVEventSubscriber(ZMQSocketTask):
+    def __init__(
+        self, *, host: str = "127.0.0.1", connect: str | None = None, max_pending_batches: int = 10_000
+    ) -> None:
+        import zmq
 
-        self._context = zmq.asyncio.Context()
-        self._socket = self._context.socket(zmq.SUB)
+        super().__init__(zmq.SUB)
         self._socket.setsockopt(zmq.SUBSCRIBE, b"")
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.bind(f"tcp://{host}:*")
-        self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        if connect is not None:
+            self._socket.connect(connect)
+            self.endpoint: str = connect
+        else:
+            self._socket.bind(f"tcp://{host}:*")
+            self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         # Bounded: if the state actor is unreachable for long, the oldest batches go (re-registering
         # sends the mirror instead).
         self._pending: collections.deque[bytes] = collections.deque(maxlen=max_pending_batches)
         self._cached: set[int] = set()
         self._next_seq: int | None = None
         self.missed_batches = 0
-        self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._receive())
-
-    async def _receive(self) -> None:
+    async def _run(self) -> None:
         while True:
             frames = await self._socket.recv_multipart()
             if len(frames) != 3:
@@ -81,11 +80,3 @@ class KVEventSubscriber:
 
     def cached_block_hashes(self) -> list[int]:
         return list(self._cached)
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._socket.close(linger=0)
-        self._context.term()

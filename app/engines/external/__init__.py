@@ -1,0 +1,1 @@
+"""OpenAI-compatible servers the gateway routes to but does not run (vLLM pods, VMs)."""

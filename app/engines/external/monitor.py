@@ -1,0 +1,89 @@
+"""Live state of one external OpenAI-compatible server: load from its /metrics, health, restarts.
+
+The gateway does not own these servers, so it cannot know when one restarts. It infers it:
+- a counter that only grows (prompt tokens, prefix-cache queries, finished requests) went down;
+- or the server stopped answering for `down_after_s` and came back.
+
+Either way the server's prefix cache is empty now, so the router must drop what it believed the
+server held. `generation` goes up by one each time; whoever mirrors the server's cache compares it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import httpx
+
+from app.engines.protocol import EngineStats
+from app.engines.vllm.metrics import MetricsFormatError, engine_stats
+
+_MONOTONIC_COUNTERS = ("prompt_tokens", "generation_tokens", "prefix_cache_queries", "request_success")
+
+
+def counters_went_back(before: EngineStats, after: EngineStats) -> bool:
+    """True if any counter that only grows on a running server is lower now: the server restarted."""
+    return any(getattr(after, name) < getattr(before, name) for name in _MONOTONIC_COUNTERS)
+
+
+@dataclass
+class PollResult:
+    ok: bool
+    restarted: bool = False
+    error: str | None = None
+
+
+class EndpointMonitor:
+    """Polls one server's /metrics. Call `poll()` on an interval; read `healthy`, `stats`, `generation`."""
+
+    def __init__(
+        self,
+        url: str,
+        http: httpx.AsyncClient,
+        *,
+        model: str,
+        endpoint_id: str,
+        hash_seed: str = "0",
+        down_after_s: float = 3.0,
+        timeout_s: float = 2.0,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.endpoint_id = endpoint_id
+        self._http = http
+        self._model = model
+        self._hash_seed = hash_seed
+        self._down_after_s = down_after_s
+        self._timeout_s = timeout_s
+        self.stats: EngineStats | None = None
+        self.generation = 0
+        self.last_ok: float | None = None
+        self.last_error: str | None = None
+        self._was_down = False
+
+    @property
+    def healthy(self) -> bool:
+        return self.last_ok is not None and not self._is_down(time.monotonic())
+
+    def _is_down(self, now: float) -> bool:
+        return self.last_ok is None or now - self.last_ok > self._down_after_s
+
+    async def poll(self) -> PollResult:
+        now = time.monotonic()
+        if self.last_ok is not None and self._is_down(now):
+            self._was_down = True
+        try:
+            response = await self._http.get(self.url + "/metrics", timeout=self._timeout_s)
+            response.raise_for_status()
+            stats = engine_stats(response.text, engine_id=self.endpoint_id, model=self._model,
+                                 hash_seed=self._hash_seed)
+        except (httpx.HTTPError, MetricsFormatError) as error:
+            self.last_error = f"{type(error).__name__}: {error}"
+            return PollResult(ok=False, error=self.last_error)
+        restarted = self.stats is not None and (self._was_down or counters_went_back(self.stats, stats))
+        if restarted:
+            self.generation += 1
+        self._was_down = False
+        self.stats = stats
+        self.last_ok = time.monotonic()
+        self.last_error = None
+        return PollResult(ok=True, restarted=restarted)

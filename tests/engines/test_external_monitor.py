@@ -1,0 +1,74 @@
+"""The live state of a server the gateway does not run: load, health and restarts, read from outside."""
+
+import asyncio
+import subprocess
+import sys
+
+import httpx
+
+from app.engines.external.monitor import EndpointMonitor
+from tests.helpers import free_port, wait_until_ready
+
+
+def _start(port: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "app.engines.simulated", "--port", str(port), "--time-scale", "0.05"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+async def test_load_health_and_a_restart_are_seen_from_outside():
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = _start(port)
+    try:
+        wait_until_ready(url + "/health", timeout_s=60)
+        async with httpx.AsyncClient() as http:
+            monitor = EndpointMonitor(url, http, model="sim-llama", endpoint_id="ep-0", down_after_s=0.5)
+            assert not monitor.healthy  # nothing read yet
+            assert (await monitor.poll()).ok and monitor.healthy
+            assert monitor.stats.cache_config.block_size == 16
+
+            for _ in range(3):
+                reply = await http.post(url + "/v1/completions", json={
+                    "model": "sim-llama", "prompt": "a prompt " * 20, "max_tokens": 2})
+                assert reply.status_code == 200
+            result = await monitor.poll()
+            assert result.ok and not result.restarted and monitor.generation == 0
+            assert monitor.stats.request_success == 3 and monitor.stats.prompt_tokens > 0
+
+            # A quick restart (back before the monitor calls the server down): its counters start again.
+            process.terminate()
+            process.wait(timeout=30)
+            failed = await monitor.poll()
+            assert not failed.ok and "ConnectError" in failed.error
+            process = _start(port)
+            wait_until_ready(url + "/health", timeout_s=60)
+            result = await monitor.poll()
+            assert result.ok and result.restarted and monitor.generation == 1
+
+            # A long outage: unhealthy meanwhile, and coming back counts as a restart even with no
+            # counter lower (nothing had run before it either).
+            process.terminate()
+            process.wait(timeout=30)
+            await asyncio.sleep(0.7)
+            assert not (await monitor.poll()).ok
+            assert not monitor.healthy
+            process = _start(port)
+            wait_until_ready(url + "/health", timeout_s=60)
+            result = await monitor.poll()
+            assert result.ok and result.restarted and monitor.generation == 2 and monitor.healthy
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+async def test_a_server_that_is_not_vllm_is_reported_not_trusted():
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, text="# just some other exporter\nup 1\n")
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        monitor = EndpointMonitor("http://other:9000", http, model="m", endpoint_id="ep-x")
+        result = await monitor.poll()
+    assert not result.ok and not monitor.healthy
+    assert "vllm:num_requests_running" in result.error
