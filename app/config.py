@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
+from app.engines.external.config import ExternalEngineConfig
 from app.engines.simulated.config import SimulatedEngineConfig
 from app.engines.vllm.config import VLLMEngineConfig
 from app.router.scheduler import RoutingConfig
@@ -35,9 +36,11 @@ def _engine_kind(value: Any) -> str:
     return str(getattr(value, "kind", "simulated"))
 
 
-_ENGINE_KINDS = ("simulated", "vllm")
+_ENGINE_KINDS = ("simulated", "vllm", "external")
 EngineConfig = Annotated[
-    Annotated[SimulatedEngineConfig, Tag("simulated")] | Annotated[VLLMEngineConfig, Tag("vllm")],
+    Annotated[SimulatedEngineConfig, Tag("simulated")]
+    | Annotated[VLLMEngineConfig, Tag("vllm")]
+    | Annotated[ExternalEngineConfig, Tag("external")],
     Discriminator(_engine_kind),
 ]
 
@@ -119,7 +122,12 @@ class ModelConfig(_Strict):
     )
     disaggregation: DisaggregationConfig | None = None
 
-    def engine_for(self, role: str) -> SimulatedEngineConfig | VLLMEngineConfig:
+    @property
+    def is_external(self) -> bool:
+        """Served by OpenAI-compatible servers the gateway does not run (no engine replicas)."""
+        return isinstance(self.engine, ExternalEngineConfig)
+
+    def engine_for(self, role: str) -> SimulatedEngineConfig | VLLMEngineConfig | ExternalEngineConfig:
         """The engine settings of one role: the model's engine with the role's overrides."""
         group = self.group(role)
         if not isinstance(group, EngineGroupConfig) or not group.engine_overrides:
@@ -141,6 +149,17 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _has_engines(self) -> ModelConfig:
+        if self.is_external:
+            if self.disaggregation is not None:
+                raise ValueError("disaggregation needs engines the gateway runs; external servers are routed "
+                                 "as mixed replicas (remove `disaggregation`)")
+            if self.deployment != EngineDeploymentConfig():
+                raise ValueError("external servers are not Ray replicas: remove `deployment` (the servers "
+                                 "are listed under engine.endpoints or found by engine.kubernetes)")
+            if self.tokenizer is None:
+                raise ValueError("external servers need the model's tokenizer: set `tokenizer` to a folder with "
+                                 "its tokenizer.json, so the router's block keys are the servers' own")
+            return self
         if self.deployment.num_replicas == 0 and self.disaggregation is None:
             raise ValueError("deployment.num_replicas is 0 and there is no disaggregation: no engine would serve")
         if self.disaggregation is not None:
@@ -165,7 +184,8 @@ class ModelConfig(_Strict):
     def _tokenizer_exists(cls, value: Path | None) -> Path | None:
         if value is not None and not (value / "tokenizer.json").is_file():
             raise ValueError(f"no tokenizer.json in {value}")
-        return value
+        # Replicas may not start in the directory `serve run` ran in: pin the folder's path.
+        return value.resolve() if value is not None else None
 
 
 class IngressConfig(_Strict):
@@ -211,6 +231,15 @@ class GatewayConfig(_Strict):
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     cluster_state: ClusterStateConfig = Field(default_factory=ClusterStateConfig)
+
+    @model_validator(mode="after")
+    def _policy_fits_engines(self) -> GatewayConfig:
+        external = [model.name for model in self.models if model.is_external]
+        if external and self.routing.policy == "ray_prefix_cache_affinity":
+            raise ValueError(f"routing.policy ray_prefix_cache_affinity picks inside Serve's handles, but "
+                             f"{', '.join(external)} is served by external servers, which the gateway calls "
+                             "directly: use prefix_aware, round_robin or power_of_two")
+        return self
 
     @model_validator(mode="after")
     def _names_unique(self) -> GatewayConfig:

@@ -1,6 +1,8 @@
 """Shared helpers for tests that start servers: free ports, waiting for readiness."""
 
 import socket
+import subprocess
+import sys
 import time
 
 import httpx
@@ -70,3 +72,38 @@ def stop_local_serve() -> None:
 
     serve.shutdown()
     ray.shutdown()
+
+
+class SimServer:
+    """A standalone simulated vLLM server (`python -m app.engines.simulated`) as a real process,
+    which a test can kill and start again on the same port, as an operator restarts a pod."""
+
+    def __init__(self, *, time_scale: float = 0.05, kv_events: bool = False, args: tuple[str, ...] = ()) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.kv_events = f"tcp://127.0.0.1:{free_port()}" if kv_events else None
+        self._args = ["--time-scale", str(time_scale), *args]
+        if self.kv_events:
+            self._args += ["--kv-events-endpoint", self.kv_events]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, *, wait: bool = True) -> "SimServer":
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "app.engines.simulated", "--port", str(self.port), *self._args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self) -> None:
+        wait_until_ready(self.url + "/health", timeout_s=60)
+
+    def stop(self, *, kill: bool = False) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill() if kill else self.process.terminate()
+            self.process.wait(timeout=30)
+        self.process = None
+
+    def metrics(self) -> str:
+        return httpx.get(self.url + "/metrics", timeout=5).text

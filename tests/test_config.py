@@ -119,3 +119,41 @@ def test_direct_ingress_refuses_what_it_cannot_serve(capsys):
     assert main(["direct-ingress-env", "configs/local.yaml", "8000"]) == 1
     assert "configs/local.yaml: direct ingress port 8000" in capsys.readouterr().err
     assert main(["direct-ingress-env", "configs/local.yaml", "x"]) == 2
+
+
+def _external(**engine) -> dict:
+    return {"models": [{"name": "m", "tokenizer": "app/assets/tiny-tokenizer",
+                        "engine": {"kind": "external", **engine}}]}
+
+
+def test_external_servers_config():
+    config = load_serve_config("configs/external.yaml")
+    model = config.applications[0].args.models[0]
+    assert model.is_external and [e.url for e in model.engine.endpoints] == ["http://127.0.0.1:8101",
+                                                                              "http://127.0.0.1:8102"]
+    assert model.engine.endpoints[0].kv_events == "tcp://127.0.0.1:5557"
+    assert model.tokenizer.is_absolute()  # replicas may start elsewhere
+    # Plain URLs are accepted, trailing slash or /v1 dropped.
+    parsed = parse_gateway_config(_external(endpoints=["http://a:8000/", "http://b:8000/v1"]))
+    assert [e.url for e in parsed.models[0].engine.endpoints] == ["http://a:8000", "http://b:8000"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (_external(), "either `endpoints`"),
+        (_external(endpoints=["a:8000"]), "scheme and host"),
+        (_external(endpoints=["http://a:8000/v1/completions"]), "without a path"),
+        (_external(endpoints=["http://a:8000", "http://a:8000/"]), "listed twice"),
+        (_external(endpoints=[{"url": "http://a:8000", "kv_events": "a:5557"}]), "ZMQ endpoint"),
+        (_external(endpoints=["http://a:8000"]) | {"routing": {"policy": "ray_prefix_cache_affinity"}},
+         "use prefix_aware"),
+        ({"models": [{"name": "m", "engine": {"kind": "external", "endpoints": ["http://a:8000"]}}]},
+         "need the model's tokenizer"),
+        ({"models": [{"name": "m", "tokenizer": "app/assets/tiny-tokenizer", "deployment": {"num_replicas": 1},
+                      "engine": {"kind": "external", "endpoints": ["http://a:8000"]}}]}, "remove `deployment`"),
+    ],
+)
+def test_external_servers_config_mistakes(args, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_gateway_config(args)

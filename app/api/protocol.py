@@ -38,6 +38,7 @@ class _SamplingFields(_Request):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     priority: int = 0
+    return_token_ids: bool = Field(default=False, description="vLLM: also return the generated token ids.")
 
     @property
     def stop_strings(self) -> list[str]:
@@ -176,6 +177,15 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
+    token_ids: list[int] | None = None
+    """vLLM's extension, only with return_token_ids."""
+
+    @model_serializer(mode="wrap")
+    def _token_ids_when_asked(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.token_ids is None:
+            data.pop("token_ids", None)
+        return data
 
 
 class CompletionResponse(BaseModel):

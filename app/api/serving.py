@@ -82,6 +82,7 @@ class _Prepared:
     engine_request: EngineRequest
     include_usage: bool
     wants_logprobs: bool = False
+    return_token_ids: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -97,9 +98,11 @@ class _Result:
     num_cached_tokens: int = 0
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
 
     def add(self, output: EngineOutput) -> None:
         self.text += output.text
+        self.token_ids.extend(output.token_ids)
         self.num_output_tokens += len(output.token_ids)
         self.logprobs.extend(output.logprobs or [])
         self.num_prompt_tokens = output.num_prompt_tokens or self.num_prompt_tokens
@@ -168,6 +171,7 @@ class OpenAIServing:
                 text=result.text,
                 logprobs=_completion_logprobs(result.logprobs, 0) if prepared.wants_logprobs else None,
                 finish_reason=result.finish_reason,
+                token_ids=result.token_ids if prepared.return_token_ids else None,
             )],
             usage=usage,
         )
@@ -187,8 +191,9 @@ class OpenAIServing:
             async for output in outputs:
                 text_offset = len(result.text)
                 result.add(output)
-                if output.text or output.finished or output.logprobs:
-                    yield chunks.piece(output.text, None, output.logprobs, text_offset)
+                ids_wanted = prepared.return_token_ids and output.token_ids
+                if output.text or output.finished or output.logprobs or ids_wanted:
+                    yield chunks.piece(output.text, None, output.logprobs, text_offset, output.token_ids)
                 if output.finished:
                     yield chunks.piece(None, output.finish_reason)
         if prepared.include_usage:
@@ -248,7 +253,8 @@ class OpenAIServing:
             priority=request.priority,
         )
         return _Prepared(endpoint, model, engine_request, include_usage=request.include_usage,
-                         wants_logprobs=logprobs is not None)
+                         wants_logprobs=logprobs is not None,
+                         return_token_ids=endpoint == "completions" and request.return_token_ids)
 
     def _resolve(self, requested: str) -> ServedModel:
         try:
@@ -400,7 +406,7 @@ class _ChunkFactory:
 
     def piece(
         self, text: str | None, finish_reason: str | None,
-        logprobs: list[TokenLogprob] | None = None, text_offset: int = 0,
+        logprobs: list[TokenLogprob] | None = None, text_offset: int = 0, token_ids: list[int] | None = None,
     ) -> BaseModel:
         p = self._p
         wanted = p.wants_logprobs and logprobs is not None
@@ -410,6 +416,7 @@ class _ChunkFactory:
         choice = CompletionChoice(
             text=text or "", finish_reason=finish_reason,
             logprobs=_completion_logprobs(logprobs or [], text_offset) if wanted else None,
+            token_ids=(token_ids or []) if p.return_token_ids else None,
         )
         return CompletionChunk(
             id=p.request_id, created=p.created, model=p.model.name, choices=[choice], **self._usage_field,

@@ -1,7 +1,8 @@
 """Builds the Serve application from a GatewayConfig; `serve run` imports `build_app`.
 
 Deployment names: `ingress`; per served model `engine-<model>` (mixed engines) and, with
-disaggregation, `prefill-<model>` and `decode-<model>` (use them in a config's `deployments:` overrides).
+disaggregation, `prefill-<model>` and `decode-<model>`; for a model served by external servers,
+`endpoints-<model>` (their watcher). Use them in a config's `deployments:` overrides.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from ray.serve.config import RequestRouterConfig
 
 from app.config import GatewayConfig, ModelConfig, parse_gateway_config
 from app.deployments.engine import EngineServer
+from app.deployments.external_endpoints import EndpointWatcher
 from app.deployments.ingress import OpenAIIngress
 
-_ROLE_PREFIX = {"mixed": "engine", "prefill": "prefill", "decode": "decode"}
+_ROLE_PREFIX = {"mixed": "engine", "prefill": "prefill", "decode": "decode", "endpoints": "endpoints"}
 
 
 def engine_deployment_name(model_name: str, role: str = "mixed") -> str:
+    """`engine-<model>`, `prefill-<model>`, `decode-<model>`, or `endpoints-<model>` (external servers)."""
     return f"{_ROLE_PREFIX[role]}-" + re.sub(r"[^A-Za-z0-9_-]+", "-", model_name).strip("-")
 
 
@@ -58,10 +61,21 @@ def _engine_app(model: ModelConfig, role: str, config: GatewayConfig) -> Applica
     ).bind(model.model_dump(mode="json"), config.cluster_state.model_dump(mode="json"), role)
 
 
+def _endpoint_watcher_app(model: ModelConfig, config: GatewayConfig) -> Application:
+    return EndpointWatcher.options(name=engine_deployment_name(model.name, "endpoints")).bind(
+        model.model_dump(mode="json"), config.cluster_state.model_dump(mode="json")
+    )
+
+
+def _engine_apps(model: ModelConfig, config: GatewayConfig) -> dict[str, Application]:
+    if model.is_external:
+        # No engines to run: one watcher makes the servers replicas to the router.
+        return {"endpoints": _endpoint_watcher_app(model, config)}
+    return {role: _engine_app(model, role, config) for role in model.roles}
+
+
 def build_gateway(config: GatewayConfig) -> Application:
-    engines = {
-        model.name: {role: _engine_app(model, role, config) for role in model.roles} for model in config.models
-    }
+    engines = {model.name: _engine_apps(model, config) for model in config.models}
     ingress = config.ingress
     return OpenAIIngress.options(
         name="ingress",

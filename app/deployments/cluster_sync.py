@@ -11,11 +11,10 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from app.config import ClusterStateConfig
 from app.deployments.cluster_state import SyncReply, get_or_create_state_actor
-from app.engines.protocol import Engine
 from app.router.state import ClusterState, ReplicaInfo, ReplicaStats
 
 logger = logging.getLogger(__name__)
@@ -51,10 +50,18 @@ class _ActorLink:
             self._failing_since = None
 
 
+class KVEventSource(Protocol):
+    """What the reporter reads from an engine (or from an external server's event subscriber)."""
+
+    def take_kv_events(self) -> list[bytes]: ...
+
+    def cached_block_hashes(self) -> list[int] | None: ...
+
+
 class EngineReporter:
     """Registers an engine replica and streams its stats and KV events to the actor."""
 
-    def __init__(self, app_name: str, info: ReplicaInfo, engine: Engine, stats: Callable[[], ReplicaStats],
+    def __init__(self, app_name: str, info: ReplicaInfo, engine: KVEventSource, stats: Callable[[], ReplicaStats],
                  config: ClusterStateConfig) -> None:
         self.info = info
         self._engine = engine
@@ -65,15 +72,31 @@ class EngineReporter:
 
     async def run(self) -> None:
         while True:
-            try:
-                await self.report_once()
-                self._link.succeeded()
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:  # the actor is restarting or gone: keep serving, retry
-                self._registered = False
-                self._link.failed(error)
+            await self.report_safely()
             await asyncio.sleep(self._config.report_interval_s)
+
+    async def report_safely(self) -> bool:
+        """One report; a failure is logged (once per outage) and retried on the next call."""
+        try:
+            await self.report_once()
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # the actor is restarting or gone: keep serving, retry
+            self._registered = False
+            self._link.failed(error)
+            return False
+        self._link.succeeded()
+        return True
+
+    def reregister(self, info: ReplicaInfo | None = None) -> None:
+        """Register again on the next report, with the cache contents then (a restarted engine: empty)."""
+        if info is not None:
+            self.info = info
+        self._registered = False
+
+    @property
+    def registered(self) -> bool:
+        return self._registered
 
     async def report_once(self) -> None:
         actor = self._link.actor()

@@ -40,10 +40,10 @@ def engine_streams_counter(registry: CollectorRegistry) -> Counter:
     )
 
 
-def new_http_client() -> httpx.AsyncClient:
+def new_http_client(connect_timeout_s: float = 5.0) -> httpx.AsyncClient:
     # Streams can idle for long between tokens under load; only connecting is bounded.
     return httpx.AsyncClient(
-        timeout=httpx.Timeout(None, connect=5.0),
+        timeout=httpx.Timeout(None, connect=connect_timeout_s),
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
     )
 
@@ -57,6 +57,54 @@ def reachable_from(replica: ReplicaState, node_id: str | None) -> str | None:
     if host == "localhost" or host.startswith("127.") or host == "::1":
         return url if node_id is not None and replica.info.node_id == node_id else None
     return url
+
+
+class EngineServers:
+    """One completions client per engine server URL, sharing one HTTP connection pool."""
+
+    def __init__(self, http: httpx.AsyncClient, served_model_name: str, tokenizer: PromptTokenizer | None) -> None:
+        self._http = http
+        self._model = served_model_name
+        self._tokenizer = tokenizer
+        self._clients: dict[str, VLLMCompletionsClient] = {}
+
+    def get(self, url: str) -> VLLMCompletionsClient:
+        client = self._clients.get(url)
+        if client is None:
+            client = VLLMCompletionsClient(self._http, url, self._model, decode=self._decode)
+            self._clients[url] = client
+        return client
+
+    def _decode(self, token_id: int) -> str:
+        return token_text(self._tokenizer, token_id)
+
+
+async def stream_from_server(
+    server: VLLMCompletionsClient, request: EngineRequest, replica_id: str, *, one_shot: bool = False,
+    retry_after_s: float = 1.0,
+) -> AsyncIterator[EngineOutput]:
+    """One attempt at a request on one server. A failure before any output raises
+    EngineUnavailableError carrying `replica_id` (the caller may try elsewhere); after some output
+    it is the client's error, since the answer cannot be restarted on another server."""
+    produced = False
+    try:
+        if one_shot:
+            output = await server.complete(request)
+            output.replica_id = replica_id
+            yield output
+            return
+        # Closing this generator early (client gone) closes the HTTP stream: vLLM aborts the request.
+        async with contextlib.aclosing(server.stream(request)) as outputs:
+            async for output in outputs:
+                if not produced:
+                    produced = True
+                    output.replica_id = replica_id
+                yield output
+    except EngineUnavailableError as error:
+        if produced:
+            raise replica_failed(retry_after_s) from None
+        error.replica_id = replica_id  # type: ignore[attr-defined]
+        raise
 
 
 class DirectStreamEngineClient:
@@ -83,27 +131,15 @@ class DirectStreamEngineClient:
         self._streams = streams
         self._fallback = fallback
         self._state = state
-        self._http = http
+        self._servers = EngineServers(http, served_model_name, tokenizer)
         self._model = served_model_name
-        self._tokenizer = tokenizer
         self._node_id = node_id
         self._retry = retry
         self._retry_after_s = retry_after_s
-        self._clients: dict[str, VLLMCompletionsClient] = {}
-
-    def _server(self, url: str) -> VLLMCompletionsClient:
-        client = self._clients.get(url)
-        if client is None:
-            client = VLLMCompletionsClient(self._http, url, self._model, decode=self._decode)
-            self._clients[url] = client
-        return client
 
     def _count(self, path: str) -> None:
         if self._streams is not None:
             self._streams.labels(self._model, path).inc()
-
-    def _decode(self, token_id: int) -> str:
-        return token_text(self._tokenizer, token_id)
 
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         replica = self._state.replicas.get(request.route[0]) if request.route else None
@@ -116,29 +152,18 @@ class DirectStreamEngineClient:
             return
         self._count("direct")
         replica_id = replica.replica_id
-        server = self._server(url)
-        produced = False
+        # vLLM returns kv_transfer_params only on a non-streamed answer.
+        one_shot = bool((request.kv_transfer_params or {}).get("do_remote_decode")) or replica.info.role == "prefill"
         try:
-            params = request.kv_transfer_params or {}
-            if params.get("do_remote_decode") or replica.info.role == "prefill":
-                # vLLM returns kv_transfer_params only on a non-streamed answer.
-                output = await server.complete(request)
-                output.replica_id = replica_id
-                yield output
-                return
-            # Closing this generator early (client gone) closes the HTTP stream: vLLM aborts the request.
-            async with contextlib.aclosing(server.stream(request)) as outputs:
+            async with contextlib.aclosing(
+                stream_from_server(self._servers.get(url), request, replica_id, one_shot=one_shot,
+                                   retry_after_s=self._retry_after_s)
+            ) as outputs:
                 async for output in outputs:
-                    if not produced:
-                        produced = True
-                        output.replica_id = replica_id
                     yield output
             return
         except EngineUnavailableError as error:
-            if produced:
-                raise replica_failed(self._retry_after_s) from None
             self._count("direct_failed")
-            error.replica_id = replica_id  # type: ignore[attr-defined]
             if not self._retry:
                 raise
             logger.warning("engine server %s failed before answering %s (%s); retrying through Serve",

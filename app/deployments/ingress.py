@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -28,7 +29,9 @@ from app.deployments.cluster_sync import RouterStateSync
 from app.deployments.direct_stream import DirectStreamEngineClient, engine_streams_counter, new_http_client
 from app.deployments.disaggregation import DisaggregatedEngineClient, DisaggregationMetrics
 from app.deployments.engine_client import ServeEngineClient
+from app.deployments.external_client import ExternalEngineClient
 from app.deployments.routing import RoutedEngineClient, RouterMetrics
+from app.engines.external.config import ExternalEngineConfig
 from app.router.hashing import get_hasher
 from app.router.scheduler import Scheduler
 from app.router.state import ClusterState, ReplicaRole
@@ -61,6 +64,7 @@ class OpenAIIngress:
         self._stream_from_engines = limits.stream_from_engines
         self._node_id = ray.get_runtime_context().get_node_id()
         self._http = new_http_client()
+        self._external_clients: dict[float, httpx.AsyncClient] = {}
         tokenizers = {model.name: PromptTokenizer.from_dir(model.tokenizer_dir) for model in gateway.models}
         models = [
             ServedModel(
@@ -93,6 +97,16 @@ class OpenAIIngress:
         tokenizer: PromptTokenizer,
     ) -> EngineClient:
         clients: dict[str, EngineClient] = {}
+        if isinstance(model.engine, ExternalEngineConfig):
+            # Servers the gateway does not run: always ranked by its own scheduler, called directly.
+            external = model.engine
+            clients["mixed"] = ExternalEngineClient(
+                self.cluster, self._external_http(external.connect_timeout_s), model=model.name,
+                served_model_name=external.served_model_name or model.name, tokenizer=tokenizer,
+                max_attempts=external.max_attempts, avoid_failed_for_s=external.down_after_s,
+                retry_after_s=retry_after_s, streams=self.engine_streams,
+            )
+            handles = {}
         for role, handle in handles.items():
             # A failed prefill is not retried: the decode replica computing the prompt is faster.
             retry = role != "prefill"
@@ -107,7 +121,7 @@ class OpenAIIngress:
                 )
             clients[role] = client
         split = model.disaggregation
-        if split is None and not self.ranks_requests:
+        if split is None and not self.ranks_requests and not model.is_external:
             return clients["mixed"]
 
         def routed(roles: tuple[ReplicaRole, ...]) -> RoutedEngineClient:
@@ -133,6 +147,12 @@ class OpenAIIngress:
             prefill_timeout_s=split.prefill_timeout_s,
             metrics=self.split_metrics,
         )
+
+    def _external_http(self, connect_timeout_s: float) -> httpx.AsyncClient:
+        client = self._external_clients.get(connect_timeout_s)
+        if client is None:
+            client = self._external_clients[connect_timeout_s] = new_http_client(connect_timeout_s)
+        return client
 
     def _ensure_syncing(self) -> None:
         if self._sync_task is None or self._sync_task.done():

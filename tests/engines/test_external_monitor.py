@@ -1,28 +1,17 @@
 """The live state of a server the gateway does not run: load, health and restarts, read from outside."""
 
 import asyncio
-import subprocess
-import sys
 
 import httpx
 
 from app.engines.external.monitor import EndpointMonitor
-from tests.helpers import free_port, wait_until_ready
-
-
-def _start(port: int) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "app.engines.simulated", "--port", str(port), "--time-scale", "0.05"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+from tests.helpers import SimServer
 
 
 async def test_load_health_and_a_restart_are_seen_from_outside():
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = _start(port)
+    server = SimServer().start()
+    url = server.url
     try:
-        wait_until_ready(url + "/health", timeout_s=60)
         async with httpx.AsyncClient() as http:
             monitor = EndpointMonitor(url, http, model="sim-llama", endpoint_id="ep-0", down_after_s=0.5)
             assert not monitor.healthy  # nothing read yet
@@ -38,29 +27,24 @@ async def test_load_health_and_a_restart_are_seen_from_outside():
             assert monitor.stats.request_success == 3 and monitor.stats.prompt_tokens > 0
 
             # A quick restart (back before the monitor calls the server down): its counters start again.
-            process.terminate()
-            process.wait(timeout=30)
+            server.stop()
             failed = await monitor.poll()
             assert not failed.ok and "ConnectError" in failed.error
-            process = _start(port)
-            wait_until_ready(url + "/health", timeout_s=60)
+            server.start()
             result = await monitor.poll()
             assert result.ok and result.restarted and monitor.generation == 1
 
             # A long outage: unhealthy meanwhile, and coming back counts as a restart even with no
             # counter lower (nothing had run before it either).
-            process.terminate()
-            process.wait(timeout=30)
+            server.stop()
             await asyncio.sleep(0.7)
             assert not (await monitor.poll()).ok
             assert not monitor.healthy
-            process = _start(port)
-            wait_until_ready(url + "/health", timeout_s=60)
+            server.start()
             result = await monitor.poll()
             assert result.ok and result.restarted and monitor.generation == 2 and monitor.healthy
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        server.stop()
 
 
 async def test_a_server_that_is_not_vllm_is_reported_not_trusted():

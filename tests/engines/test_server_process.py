@@ -77,7 +77,7 @@ async def test_kv_events_are_published_over_zmq_like_vllm():
             for _ in range(100):
                 await client.post("/v1/completions", json={"model": "sim-llama", "prompt": "warm up", "max_tokens": 1})
                 await asyncio.sleep(0.1)
-                if subscriber.take():
+                if subscriber.take_kv_events():
                     break
             reply = await client.post("/v1/completions", json={"model": "sim-llama", "prompt": prompt,
                                                                  "max_tokens": 1})

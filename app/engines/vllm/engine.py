@@ -187,7 +187,7 @@ class VLLMServerEngine:
     # -- KV events -----------------------------------------------------------------------------
 
     def take_kv_events(self) -> list[bytes]:
-        return self._events.take() if self._events else []
+        return self._events.take_kv_events() if self._events else []
 
     def cached_block_hashes(self) -> list[int] | None:
         return self._events.cached_block_hashes() if self._events else []

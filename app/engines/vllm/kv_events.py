@@ -39,6 +39,8 @@ class KVEventSubscriber(ZMQSocketTask):
         self._cached: set[int] = set()
         self._next_seq: int | None = None
         self.missed_batches = 0
+        self.publisher_restarts = 0
+        """Times the sequence started over: the publishing server restarted with an empty cache."""
 
     async def _run(self) -> None:
         while True:
@@ -57,7 +59,16 @@ class KVEventSubscriber(ZMQSocketTask):
             if gap > 0:
                 self.missed_batches += gap
                 logger.warning("missed %d KV event batches (sequence %d, expected %d)", gap, seq, self._next_seq)
+            else:
+                # vLLM numbers batches from 0 per process: a new process publishes, its cache starts empty.
+                self.publisher_restarts += 1
+                self.clear()
         self._next_seq = seq + 1
+
+    def clear(self) -> None:
+        """Forget everything mirrored and pending (the engine's cache is known to be empty)."""
+        self._pending.clear()
+        self._cached.clear()
 
     def _mirror(self, payload: bytes) -> None:
         try:
@@ -73,7 +84,8 @@ class KVEventSubscriber(ZMQSocketTask):
             elif isinstance(event, AllBlocksCleared):
                 self._cached.clear()
 
-    def take(self) -> list[bytes]:
+    def take_kv_events(self) -> list[bytes]:
+        """Batches received since the last call, as they came (payload frames)."""
         batches = list(self._pending)
         self._pending.clear()
         return batches

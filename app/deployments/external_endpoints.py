@@ -1,0 +1,253 @@
+"""The endpoint watcher: makes each external server a replica to the router.
+
+One small deployment per externally served model (`endpoints-<model>`, one replica). For each
+server it reads /metrics on a short interval (load, health, restarts), subscribes to the server's
+KV events when it publishes them, and registers and reports the server to the cluster-state actor
+exactly as an engine replica reports itself. Ingress replicas then rank the servers with the same
+scheduler as Ray-managed engines and stream from them directly; no request passes through here.
+
+- A server that stops answering for `down_after_s` is unregistered: it leaves the candidate set.
+- When it answers again it is registered afresh with an empty cache, because it may have restarted;
+  a restart without an outage is caught by its counters going back or its event numbering starting over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import ray
+from ray import serve
+
+from app.config import ClusterStateConfig, ModelConfig
+from app.deployments.cluster_sync import EngineReporter
+from app.engines.external.config import ExternalEndpoint, ExternalEngineConfig
+from app.engines.external.monitor import EndpointMonitor
+from app.engines.vllm.kv_events import KVEventSubscriber
+from app.router.state import ReplicaInfo, ReplicaStats
+
+logger = logging.getLogger("ray.serve")
+
+_DEFAULT_NUM_BLOCKS = 65_536
+"""Capacity assumed for a server whose /metrics does not say (it bounds the router's index only)."""
+
+
+class _NoEvents:
+    """The event source of a server that does not publish: the router guesses from what it sent."""
+
+    def take_kv_events(self) -> list[bytes]:
+        return []
+
+    def cached_block_hashes(self) -> list[int]:
+        return []  # (re-)registering means the server's cache is new, or the actor lost it anyway
+
+
+@dataclass
+class EndpointStatus:
+    url: str
+    healthy: bool
+    registered: bool
+    generation: int
+    kv_events: bool
+    last_error: str | None
+    missed_event_batches: int
+
+
+class WatchedEndpoint:
+    """One server: its monitor, its event subscriber (if any), and its registration."""
+
+    def __init__(
+        self,
+        endpoint: ExternalEndpoint,
+        engine: ExternalEngineConfig,
+        *,
+        app_name: str,
+        model: str,
+        http: httpx.AsyncClient,
+        cluster_state: ClusterStateConfig,
+        node_id: str | None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.url = endpoint.url
+        self._engine = engine
+        self._model = model
+        self._node_id = node_id
+        self.monitor = EndpointMonitor(
+            endpoint.url, http, model=model, endpoint_id=endpoint.url, hash_seed=engine.hash_seed,
+            down_after_s=engine.down_after_s, timeout_s=max(engine.scrape_interval_s * 5, 1.0),
+        )
+        self.events = KVEventSubscriber(connect=endpoint.kv_events) if endpoint.kv_events else None
+        self.reporter = EngineReporter(app_name, self._info(), self.events or _NoEvents(), self._stats, cluster_state)
+        self._seen_publisher_restarts = 0
+        self._warned_geometry = False
+        self._logged_down = False
+        self._task: asyncio.Task[None] | None = None
+
+    def _info(self) -> ReplicaInfo:
+        stats = self.monitor.stats
+        cache = stats.cache_config if stats is not None else None
+        return ReplicaInfo(
+            replica_id=self.url,
+            model=self._model,
+            engine_id=f"{self.url}#{self.monitor.generation}",
+            block_size=self._engine.block_size,
+            num_gpu_blocks=(cache.num_gpu_blocks if cache is not None and cache.num_gpu_blocks > 0
+                            else _DEFAULT_NUM_BLOCKS),
+            max_num_seqs=self._engine.max_num_seqs,
+            hash_algo=self._engine.hash_algo,
+            hash_seed=self._engine.hash_seed,
+            kv_events=self.events is not None,
+            endpoint_url=self.url,
+            node_id=self._node_id,
+        )
+
+    def _stats(self) -> ReplicaStats:
+        stats = self.monitor.stats
+        return ReplicaStats.model_validate(stats.model_dump()) if stats is not None else ReplicaStats()
+
+    def start(self) -> None:
+        if self.events is not None:
+            self.events.start()
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await self.step()
+            await asyncio.sleep(self._engine.scrape_interval_s)
+
+    async def step(self) -> None:
+        """One scrape, then register, report or unregister as the server's state says."""
+        result = await self.monitor.poll()
+        if not self.monitor.healthy:
+            if not result.ok and not self._logged_down:
+                self._logged_down = True
+                logger.warning("endpoint %s (model %s) is not answering: %s", self.url, self._model, result.error)
+            if self.reporter.registered:
+                logger.warning("endpoint %s left the routing candidates (no answer for %.1fs)",
+                               self.url, self._engine.down_after_s)
+                await self._unregister()
+            return
+        if self._logged_down:
+            self._logged_down = False
+            logger.info("endpoint %s (model %s) is answering again", self.url, self._model)
+        self._check_geometry()
+        restarts = self.events.publisher_restarts if self.events is not None else 0
+        if result.restarted or restarts != self._seen_publisher_restarts:
+            if result.restarted and restarts == self._seen_publisher_restarts and self.events is not None:
+                self.events.clear()  # restarted before publishing anything: what we mirrored is gone
+            self._seen_publisher_restarts = restarts
+            logger.info("endpoint %s restarted (generation %d): dropping its cache entries",
+                        self.url, self.monitor.generation)
+            self.reporter.reregister(self._info())
+        elif not self.reporter.registered:
+            self.reporter.reregister(self._info())  # first contact, or back from the candidates' edge
+        await self.reporter.report_safely()
+
+    def _check_geometry(self) -> None:
+        stats = self.monitor.stats
+        if stats is None or self._warned_geometry:
+            return
+        cache, engine = stats.cache_config, self._engine
+        mismatches = [
+            f"{name} {theirs} (config says {ours})"
+            for name, theirs, ours in (
+                ("block_size", cache.block_size, engine.block_size),
+                ("prefix_caching_hash_algo", cache.prefix_caching_hash_algo, engine.hash_algo),
+            )
+            if theirs and str(theirs) != str(ours)
+        ]
+        if mismatches:
+            self._warned_geometry = True
+            logger.warning("endpoint %s reports %s: the router's block keys will not match the server's cache; "
+                           "fix engine.block_size / engine.hash_algo of model %s", self.url,
+                           ", ".join(mismatches), self._model)
+
+    async def _unregister(self) -> None:
+        await self.reporter.unregister()
+        self.reporter.reregister()  # registered again (as new) once it answers
+
+    def status(self) -> EndpointStatus:
+        return EndpointStatus(
+            url=self.url,
+            healthy=self.monitor.healthy,
+            registered=self.reporter.registered,
+            generation=self.monitor.generation,
+            kv_events=self.events is not None,
+            last_error=self.monitor.last_error,
+            missed_event_batches=self.events.missed_batches if self.events is not None else 0,
+        )
+
+    def crashed(self) -> BaseException | None:
+        """The error that stopped this server's watch loop (a bug), if it stopped."""
+        task = self._task
+        if task is None or not task.done() or task.cancelled():
+            return None
+        return task.exception()
+
+    async def close(self, *, unregister: bool = True) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.events is not None:
+            await self.events.close()
+        if unregister:
+            await self.reporter.unregister()
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, num_replicas=1, max_ongoing_requests=16)
+class EndpointWatcher:
+    """Watches one model's external servers and keeps the router's view of them current."""
+
+    async def __init__(self, model: dict[str, Any], cluster_state: dict[str, Any] | None = None) -> None:
+        self.endpoints: dict[str, WatchedEndpoint] = {}
+        config = ModelConfig.model_validate(model)
+        assert isinstance(config.engine, ExternalEngineConfig)
+        self._engine = config.engine
+        self._model = config.name
+        context = serve.get_replica_context()
+        self._app_name = context.app_name if context else ""
+        self._cluster_state = ClusterStateConfig.model_validate(cluster_state or {})
+        self._node_id = ray.get_runtime_context().get_node_id()
+        self._http = httpx.AsyncClient(limits=httpx.Limits(max_connections=64))
+        await self.set_endpoints(self._engine.endpoints)
+
+    async def set_endpoints(self, endpoints: list[ExternalEndpoint]) -> None:
+        """Watch exactly these servers: new ones are scraped once before they are registered."""
+        wanted = {endpoint.url: endpoint for endpoint in endpoints}
+        for url in [url for url in self.endpoints if url not in wanted or wanted[url] != self.endpoints[url].endpoint]:
+            logger.info("endpoint %s (model %s) removed", url, self._model)
+            await self.endpoints.pop(url).close()
+        added = [
+            WatchedEndpoint(endpoint, self._engine, app_name=self._app_name, model=self._model, http=self._http,
+                            cluster_state=self._cluster_state, node_id=self._node_id)
+            for url, endpoint in wanted.items() if url not in self.endpoints
+        ]
+        # The first scrape happens before this returns, so a gateway that reports ready can route.
+        await asyncio.gather(*(watched.step() for watched in added))
+        for watched in added:
+            logger.info("endpoint %s (model %s) added: %s", watched.url, self._model,
+                        "answering" if watched.monitor.healthy else f"not answering ({watched.monitor.last_error})")
+            self.endpoints[watched.url] = watched
+            watched.start()
+
+    async def status(self) -> list[dict[str, Any]]:
+        """Each server's state, for operators and tests."""
+        return [vars(watched.status()) for watched in self.endpoints.values()]
+
+    async def check_health(self) -> None:
+        for watched in self.endpoints.values():
+            error = watched.crashed()
+            if error is not None:
+                raise RuntimeError(f"the watch of endpoint {watched.url} stopped: {error!r}")
+
+    async def __del__(self) -> None:
+        for watched in list(self.endpoints.values()):
+            await watched.close()
+        if hasattr(self, "_http"):  # not when __init__ failed before making it
+            await self._http.aclose()

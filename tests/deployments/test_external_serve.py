@@ -1,0 +1,187 @@
+"""Routing to servers the gateway does not run: three standalone simulated vLLM servers as real
+processes (two publish KV events over ZMQ, one does not), the gateway on a real Ray cluster in front
+of them, and the official openai client."""
+
+import concurrent.futures
+import random
+import threading
+import time
+
+import openai
+import pytest
+import ray
+from openai import OpenAI
+from ray import serve
+
+from app.config import parse_gateway_config
+from app.deployments.builder import build_gateway
+from app.deployments.cluster_state import NAMESPACE, actor_name
+from app.tokenizer import BUILTIN_TOKENIZER_DIR
+from tests.helpers import SimServer, metric_value, start_local_serve, stop_local_serve, wait_for
+
+pytestmark = pytest.mark.serve
+
+MODEL = "ext-llama"
+APP = "external"
+
+
+@pytest.fixture(scope="module")
+def fleet():
+    # The servers take shorter prompts than the gateway: their own refusal must reach the client.
+    short = ("--max-model-len", "1024")
+    servers = [SimServer(time_scale=0.1, kv_events=events, args=short) for events in (True, True, False)]
+    try:
+        for server in servers:
+            server.start(wait=False)
+        for server in servers:
+            server.wait_ready()
+        port = start_local_serve()
+        args = {
+            "models": [{
+                "name": MODEL,
+                "max_model_len": 4096,
+                "tokenizer": str(BUILTIN_TOKENIZER_DIR),
+                "engine": {
+                    "kind": "external",
+                    "served_model_name": "sim-llama",
+                    "endpoints": [{"url": s.url, "kv_events": s.kv_events} if s.kv_events else s.url
+                                  for s in servers],
+                    "down_after_s": 1.0,
+                    "scrape_interval_s": 0.1,
+                },
+            }],
+        }
+        serve.run(build_gateway(parse_gateway_config(args)), name=APP, route_prefix="/")
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+        assert wait_for(lambda: len(actor_view()["replicas"]) == 3, timeout_s=30)
+        yield client, servers
+    finally:
+        try:
+            stop_local_serve()
+        finally:
+            for server in servers:
+                server.stop()
+
+
+def actor_view() -> dict:
+    try:
+        actor = ray.get_actor(actor_name(APP), namespace=NAMESPACE)
+        return ray.get(actor.describe.remote(), timeout=10)
+    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ValueError):
+        return {"replicas": {}}
+
+
+def served(server: SimServer) -> float:
+    return metric_value(server.metrics(), "vllm:request_success_total")
+
+
+def long_prompt(seed: int, words: int = 120) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "kappa", "omega", "sigma"]) for _ in range(words))
+
+
+def test_openai_client_gets_complete_answers_from_the_servers(fleet):
+    client, _ = fleet
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    reply = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hello there"}], max_tokens=7,
+        extra_body={"ignore_eos": True},
+    )
+    assert reply.model == MODEL and reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 7 and reply.usage.prompt_tokens > 0 and reply.choices[0].message.content
+
+    chunks = list(client.completions.create(model=MODEL, prompt="once upon a time", max_tokens=5, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 5
+
+    # The server's own validation reaches the client as the server meant it (a 400, not a retry elsewhere).
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.completions.create(model=MODEL, prompt=long_prompt(1, words=600), max_tokens=1)
+
+
+def test_shared_prefixes_concentrate_on_one_server_each(fleet):
+    client, servers = fleet
+    for group in range(3):
+        before = [served(s) for s in servers]
+        system = long_prompt(100 + group)
+        for turn in range(5):
+            client.chat.completions.create(
+                model=MODEL, max_tokens=2,
+                messages=[{"role": "system", "content": system}, {"role": "user", "content": f"question {turn}"}],
+            )
+        counts = [served(s) - b for s, b in zip(servers, before, strict=True)]
+        # Sent one after another: nothing is busy, so every follow-up goes where the prefix is cached.
+        assert max(counts) == 5, counts
+    hits = sum(metric_value(s.metrics(), "vllm:prefix_cache_hits_total") for s in servers)
+    queries = sum(metric_value(s.metrics(), "vllm:prefix_cache_queries_total") for s in servers)
+    assert hits / queries > 0.6
+
+
+def test_a_killed_server_loses_only_its_requests_and_comes_back_with_an_empty_cache(fleet):
+    client, servers = fleet
+    victim = servers[0]  # publishes KV events: its entries come from the server itself
+    system = long_prompt(7)
+    # Put a prefix on the victim: the router's index must then show blocks there.
+    client.chat.completions.create(model=MODEL, max_tokens=1,
+                                   messages=[{"role": "system", "content": system}, {"role": "user", "content": "x"}])
+    assert wait_for(lambda: sum(r["blocks"] for r in actor_view()["replicas"].values()) > 0, timeout_s=10)
+
+    killed_at: list[float] = []
+    results: list[tuple[float, float, str]] = []  # (sent, done, outcome)
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def one(i: int) -> None:
+        sent = time.monotonic()
+        try:
+            client.chat.completions.create(
+                model=MODEL, max_tokens=20, extra_body={"ignore_eos": True},
+                messages=[{"role": "system", "content": long_prompt(i % 6)}, {"role": "user", "content": str(i)}],
+            )
+            outcome = "ok"
+        except openai.APIStatusError as error:
+            outcome = f"{error.status_code}"
+        with lock:
+            results.append((sent, time.monotonic(), outcome))
+
+    def load() -> None:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            i = 0
+            while not stop.is_set():
+                pool.submit(one, i)
+                i += 1
+                time.sleep(0.03)
+
+    runner = threading.Thread(target=load)
+    runner.start()
+    try:
+        time.sleep(2.0)
+        killed_at.append(time.monotonic())
+        victim.stop(kill=True)
+        # It leaves the candidates once it has not answered for down_after_s.
+        assert wait_for(lambda: victim.url not in actor_view()["replicas"], timeout_s=10)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        runner.join()
+    kill = killed_at[0]
+    failed = [(sent, done, outcome) for sent, done, outcome in results if outcome != "ok"]
+    assert len(results) > 60
+    # Only requests already running when the server died may fail, and those with a 503.
+    assert all(sent < kill and done >= kill and outcome == "503" for sent, done, outcome in failed), failed
+    assert all(outcome == "ok" for sent, _, outcome in results if sent >= kill)
+
+    victim.start()
+    # Back as a new generation, holding none of the old entries: it has served nothing since.
+    assert wait_for(lambda: victim.url in actor_view()["replicas"], timeout_s=15)
+    assert actor_view()["replicas"][victim.url]["blocks"] == 0
+    statuses = serve.get_deployment_handle(f"endpoints-{MODEL}", app_name=APP).status.remote().result(timeout_s=10)
+    victim_status = next(s for s in statuses if s["url"] == victim.url)
+    assert victim_status["healthy"] and victim_status["generation"] >= 1
+    # And it takes requests again: new prefixes spread over the three servers.
+    before = served(victim)
+    for i in range(12):
+        client.completions.create(model=MODEL, prompt=long_prompt(1000 + i, words=60), max_tokens=1)
+    assert served(victim) > before
