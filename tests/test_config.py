@@ -136,12 +136,15 @@ def test_external_servers_config():
     # Plain URLs are accepted, trailing slash or /v1 dropped.
     parsed = parse_gateway_config(_external(endpoints=["http://a:8000/", "http://b:8000/v1"]))
     assert [e.url for e in parsed.models[0].engine.endpoints] == ["http://a:8000", "http://b:8000"]
+    discovered = parse_gateway_config(_external(kubernetes={"namespace": "llm", "label_selector": "app=vllm"}))
+    assert discovered.models[0].engine.kubernetes.port == 8000
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (_external(), "either `endpoints`"),
+        (_external(endpoints=["http://a:8000"], kubernetes={"label_selector": "app=vllm"}), "exactly one"),
         (_external(endpoints=["a:8000"]), "scheme and host"),
         (_external(endpoints=["http://a:8000/v1/completions"]), "without a path"),
         (_external(endpoints=["http://a:8000", "http://a:8000/"]), "listed twice"),

@@ -26,6 +26,7 @@ from ray import serve
 from app.config import ClusterStateConfig, ModelConfig
 from app.deployments.cluster_sync import EngineReporter
 from app.engines.external.config import ExternalEndpoint, ExternalEngineConfig
+from app.engines.external.kubernetes import KubernetesPodDiscovery
 from app.engines.external.monitor import EndpointMonitor
 from app.engines.vllm.kv_events import KVEventSubscriber
 from app.router.state import ReplicaInfo, ReplicaStats
@@ -215,7 +216,14 @@ class EndpointWatcher:
         self._cluster_state = ClusterStateConfig.model_validate(cluster_state or {})
         self._node_id = ray.get_runtime_context().get_node_id()
         self._http = httpx.AsyncClient(limits=httpx.Limits(max_connections=64))
-        await self.set_endpoints(self._engine.endpoints)
+        self._discovery: KubernetesPodDiscovery | None = None
+        self._discovery_task: asyncio.Task[None] | None = None
+        if self._engine.kubernetes is not None:
+            # Pods come and go: the watch hands over the whole ready set at every change.
+            self._discovery = KubernetesPodDiscovery(self._engine.kubernetes, self.set_endpoints)
+            self._discovery_task = asyncio.get_running_loop().create_task(self._discovery.run())
+        else:
+            await self.set_endpoints(self._engine.endpoints)
 
     async def set_endpoints(self, endpoints: list[ExternalEndpoint]) -> None:
         """Watch exactly these servers: new ones are scraped once before they are registered."""
@@ -236,17 +244,30 @@ class EndpointWatcher:
             self.endpoints[watched.url] = watched
             watched.start()
 
+    async def discovery_status(self) -> dict[str, Any] | None:
+        """Kubernetes discovery's state (None with a fixed list): lists done, the last error."""
+        if self._discovery is None:
+            return None
+        return {"lists": self._discovery.lists, "last_error": self._discovery.last_error,
+                "endpoints": sorted(self.endpoints)}
+
     async def status(self) -> list[dict[str, Any]]:
         """Each server's state, for operators and tests."""
         return [vars(watched.status()) for watched in self.endpoints.values()]
 
     async def check_health(self) -> None:
+        task = self._discovery_task
+        if task is not None and task.done() and not task.cancelled():
+            raise RuntimeError(f"Kubernetes discovery stopped: {task.exception()!r}")
         for watched in self.endpoints.values():
             error = watched.crashed()
             if error is not None:
                 raise RuntimeError(f"the watch of endpoint {watched.url} stopped: {error!r}")
 
     async def __del__(self) -> None:
+        task = getattr(self, "_discovery_task", None)
+        if task is not None:
+            task.cancel()
         for watched in list(self.endpoints.values()):
             await watched.close()
         if hasattr(self, "_http"):  # not when __init__ failed before making it

@@ -117,10 +117,6 @@ class ExternalEngineConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> ExternalEngineConfig:
-        if self.kubernetes is not None:
-            # Not built yet (it is the next step of this feature): refuse rather than watch nothing.
-            raise ValueError("Kubernetes discovery is not available in this version yet; list the servers "
-                             "under `endpoints`")
         if bool(self.endpoints) == (self.kubernetes is not None):
             raise ValueError("give either `endpoints` (a list of server URLs) or `kubernetes` (discovery), "
                              "exactly one of them")
