@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import httpx
 import numpy as np
 
-from benchmarks.routing_live import WORDS, Sample, Workload, run_open_loop, shared_prefix
+from benchmarks.routing_live import WORDS, Sample, Workload, run_open_loop, shared_prefix, stream_chat
 from tests.helpers import SimServer, free_port, metric_value, wait_for, wait_until_ready
 
 MODEL = "sim-llama"
@@ -153,41 +153,6 @@ def start_our_gateway(servers: list[SimServer], policy: str, serve_port: int, ru
 # -- the workloads -----------------------------------------------------------------------------
 
 
-async def _stream(client: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int) -> tuple[Sample, str]:
-    sample, text = Sample(), []
-    body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
-    try:
-        async with client.stream("POST", url, json=body) as response:
-            if response.status_code != 200:
-                sample.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
-                return sample, ""
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    sample.error = str(chunk["error"])[:200]
-                    return sample, ""
-                if chunk.get("usage"):
-                    usage = chunk["usage"]
-                    sample.prompt_tokens = usage["prompt_tokens"]
-                    sample.output_tokens = usage["completion_tokens"]
-                    sample.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-                choices = chunk.get("choices") or []
-                content = choices[0].get("delta", {}).get("content") if choices else None
-                if content:
-                    text.append(content)
-                    if sample.ttft_s is None:
-                        sample.ttft_s = time.perf_counter() - start
-    except httpx.HTTPError as exc:
-        sample.error = f"{type(exc).__name__}: {exc}"
-        return sample, ""
-    sample.e2e_s = time.perf_counter() - start
-    return sample, "".join(text)
-
-
 async def run_multi_turn(url: str, sessions: int, turns: int, rate: float, opener_words: int, user_words: int,
                          think_s: float, max_tokens: int, seed: int) -> tuple[list[Sample], float]:
     rng = random.Random(seed)
@@ -209,7 +174,7 @@ async def run_multi_turn(url: str, sessions: int, turns: int, rate: float, opene
             for turn in range(turns):
                 messages.append({"role": "user", "content": f"Session {index}: {scripts[index][turn]}"})
                 sent = time.perf_counter() - began
-                sample, answer = await _stream(client, url, messages, max_tokens)
+                sample, answer = await stream_chat(client, url, messages, max_tokens)
                 samples.append((sent, sample))
                 if sample.error is not None:
                     return
@@ -250,21 +215,21 @@ def main() -> None:
     p.add_argument("--routers", default=",".join(ROUTERS), help="kind:policy, comma separated")
     p.add_argument("--workloads", default="shared_prefix,multi_turn")
     p.add_argument("--servers", type=int, default=4)
-    p.add_argument("--time-scale", type=float, default=5.0, help="wall seconds per modelled second")
+    p.add_argument("--time-scale", type=float, default=20.0, help="wall seconds per modelled second")
     p.add_argument("--num-blocks", type=int, default=1024, help="KV blocks per server")
     p.add_argument("--max-num-seqs", type=int, default=32)
-    p.add_argument("--rate", type=float, default=6.0, help="shared-prefix requests per second")
+    p.add_argument("--rate", type=float, default=5.0, help="shared-prefix requests per second")
     p.add_argument("--groups", type=int, default=16)
-    p.add_argument("--prompts-per-group", type=int, default=20)
+    p.add_argument("--prompts-per-group", type=int, default=10)
     p.add_argument("--system-words", type=int, default=400)
     p.add_argument("--question-words", type=int, default=40)
-    p.add_argument("--sessions", type=int, default=40)
-    p.add_argument("--turns", type=int, default=6)
+    p.add_argument("--sessions", type=int, default=30)
+    p.add_argument("--turns", type=int, default=5)
     p.add_argument("--session-rate", type=float, default=1.0, help="new conversations per second")
     p.add_argument("--opener-words", type=int, default=200)
     p.add_argument("--user-words", type=int, default=40)
     p.add_argument("--think-s", type=float, default=1.0)
-    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--warmup", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results to this JSON file")

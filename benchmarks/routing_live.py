@@ -74,8 +74,10 @@ def shared_prefix(groups: int, per_group: int, system_words: int, question_words
     return workload
 
 
-async def _one(client: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int) -> Sample:
-    sample = Sample()
+async def stream_chat(client: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int
+                      ) -> tuple[Sample, str]:
+    """One streamed chat request: its timings and usage, and the answer's text."""
+    sample, text = Sample(), []
     body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
     start = time.perf_counter()
@@ -83,26 +85,30 @@ async def _one(client: httpx.AsyncClient, url: str, messages: list[dict], max_to
         async with client.stream("POST", url, json=body) as response:
             if response.status_code != 200:
                 sample.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
-                return sample
+                return sample, ""
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
                     sample.error = str(chunk["error"])[:200]
-                    return sample
+                    return sample, ""
                 if chunk.get("usage"):
                     usage = chunk["usage"]
                     sample.prompt_tokens = usage["prompt_tokens"]
                     sample.output_tokens = usage["completion_tokens"]
                     sample.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-                if sample.ttft_s is None and chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
-                    sample.ttft_s = time.perf_counter() - start
+                choices = chunk.get("choices") or []
+                content = choices[0].get("delta", {}).get("content") if choices else None
+                if content:
+                    text.append(content)
+                    if sample.ttft_s is None:
+                        sample.ttft_s = time.perf_counter() - start
     except httpx.HTTPError as exc:
         sample.error = f"{type(exc).__name__}: {exc}"
-        return sample
+        return sample, ""
     sample.e2e_s = time.perf_counter() - start
-    return sample
+    return sample, "".join(text)
 
 
 async def run_open_loop(url: str, workload: Workload, max_tokens: int) -> tuple[list[Sample], float]:
@@ -112,7 +118,7 @@ async def run_open_loop(url: str, workload: Workload, max_tokens: int) -> tuple[
 
         async def at(offset: float, messages: list[dict]) -> Sample:
             await asyncio.sleep(max(0.0, started + offset - time.perf_counter()))
-            return await _one(client, url, messages, max_tokens)
+            return (await stream_chat(client, url, messages, max_tokens))[0]
 
         samples = await asyncio.gather(*(at(t, m) for t, m in zip(workload.arrivals, workload.prompts, strict=True)))
         return list(samples), time.perf_counter() - started

@@ -1,8 +1,6 @@
 """`python -m app.engines.simulated --port N` as a separate process, driven by the official openai client."""
 
 import asyncio
-import subprocess
-import sys
 
 import httpx
 import pytest
@@ -11,23 +9,16 @@ from openai import OpenAI
 from app.engines.vllm.kv_events import KVEventSubscriber
 from app.router.hashing import get_hasher
 from app.tokenizer import BUILTIN_TOKENIZER_DIR, PromptTokenizer
-from tests.helpers import free_port, metric_value, wait_for, wait_until_ready
+from tests.helpers import SimServer, metric_value, wait_for
 
 
 @pytest.fixture(scope="module")
 def server_url():
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app.engines.simulated", "--port", str(port), "--time-scale", "0.05"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
+    server = SimServer().start()
     try:
-        wait_until_ready(url + "/health", timeout_s=60)
-        yield url
+        yield server.url
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        server.stop()
 
 
 def test_openai_client_chat_and_stream(server_url):
@@ -54,23 +45,14 @@ def test_disconnect_mid_stream_frees_the_engine(server_url):
     assert metric_value(httpx.get(server_url + "/metrics").text, "vllm:kv_cache_usage_perc") == 0
 
 
-def _start_server(port: int, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "app.engines.simulated", "--port", str(port), "--time-scale", "0.05", *args],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-
-
 async def test_kv_events_are_published_over_zmq_like_vllm():
     # A router subscribed to this server (as to a real vLLM server) learns exactly the prompt's blocks.
-    port, events_port = free_port(), free_port()
-    endpoint = f"tcp://127.0.0.1:{events_port}"
-    process = _start_server(port, "--kv-events-endpoint", endpoint)
-    subscriber = KVEventSubscriber(connect=endpoint)
+    server = SimServer(kv_events=True).start(wait=False)
+    subscriber = KVEventSubscriber(connect=server.kv_events)
     subscriber.start()
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_until_ready(url + "/health", timeout_s=60)
+        url = server.url
+        server.wait_ready()
         prompt = "the same long system prompt, block after block, " * 8
         async with httpx.AsyncClient(base_url=url) as client:
             # ZMQ drops what a PUB socket sends before the subscription reaches it: wait for one batch.
@@ -93,5 +75,4 @@ async def test_kv_events_are_published_over_zmq_like_vllm():
         assert subscriber.missed_batches == 0
     finally:
         await subscriber.close()
-        process.terminate()
-        process.wait(timeout=30)
+        server.stop()

@@ -13,6 +13,7 @@ that is starting (model still loading) or draining gets no requests.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 from collections.abc import Awaitable, Callable
@@ -179,6 +180,4 @@ class KubernetesPodDiscovery:
 
 
 def _json(response: Any) -> dict[str, Any]:
-    import json
-
     return json.loads(response.data)
