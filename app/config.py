@@ -112,7 +112,8 @@ class ModelConfig(_Strict):
     tokenizer: Path | None = Field(
         default=None,
         description="Folder with tokenizer.json (and tokenizer_config.json); default: a vLLM engine's model "
-        "folder when it has one, else the built-in tokenizer.",
+        "folder when it has one, else the built-in tokenizer. External servers without one are routed on "
+        "approximate text keys and tokenize prompts themselves.",
     )
     max_model_len: int = Field(default=4096, ge=16, description="Context length: prompt plus completion.")
     engine: EngineConfig = Field(default_factory=SimulatedEngineConfig)
@@ -156,9 +157,6 @@ class ModelConfig(_Strict):
             if self.deployment != EngineDeploymentConfig():
                 raise ValueError("external servers are not Ray replicas: remove `deployment` (the servers "
                                  "are listed under engine.endpoints or found by engine.kubernetes)")
-            if self.tokenizer is None:
-                raise ValueError("external servers need the model's tokenizer: set `tokenizer` to a folder with "
-                                 "its tokenizer.json, so the router's block keys are the servers' own")
             return self
         if self.deployment.num_replicas == 0 and self.disaggregation is None:
             raise ValueError("deployment.num_replicas is 0 and there is no disaggregation: no engine would serve")
@@ -172,9 +170,12 @@ class ModelConfig(_Strict):
         return self
 
     @property
-    def tokenizer_dir(self) -> Path:
+    def tokenizer_dir(self) -> Path | None:
+        """None for external servers with no tokenizer configured: they tokenize for themselves."""
         if self.tokenizer is not None:
             return self.tokenizer
+        if self.is_external:
+            return None
         if isinstance(self.engine, VLLMEngineConfig) and self.engine.tokenizer_dir is not None:
             return self.engine.tokenizer_dir
         return BUILTIN_TOKENIZER_DIR

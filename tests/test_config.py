@@ -138,6 +138,11 @@ def test_external_servers_config():
     assert [e.url for e in parsed.models[0].engine.endpoints] == ["http://a:8000", "http://b:8000"]
     discovered = parse_gateway_config(_external(kubernetes={"namespace": "llm", "label_selector": "app=vllm"}))
     assert discovered.models[0].engine.kubernetes.port == 8000
+    # Without a tokenizer the servers tokenize: no built-in tokenizer is put in their place.
+    untokenized = parse_gateway_config({"models": [{"name": "m", "engine": {"kind": "external",
+                                                                             "endpoints": ["http://a:8000"]}}]})
+    assert untokenized.models[0].tokenizer_dir is None
+    assert untokenized.models[0].engine.chars_per_token == 4.0
 
 
 @pytest.mark.parametrize(
@@ -151,8 +156,10 @@ def test_external_servers_config():
         (_external(endpoints=[{"url": "http://a:8000", "kv_events": "a:5557"}]), "ZMQ endpoint"),
         (_external(endpoints=["http://a:8000"]) | {"routing": {"policy": "ray_prefix_cache_affinity"}},
          "use prefix_aware"),
-        ({"models": [{"name": "m", "engine": {"kind": "external", "endpoints": ["http://a:8000"]}}]},
-         "need the model's tokenizer"),
+        (_external(endpoints=["http://a:8000"], chars_per_token=0), "chars_per_token"),
+        (_external(kubernetes={"label_selector": "app=vllm", "kubeconfig": "/nonexistent"}), "no kubeconfig file"),
+        (_external(kubernetes={"label_selector": "app=vllm", "kubeconfig": "pyproject.toml", "in_cluster": True}),
+         "service account"),
         ({"models": [{"name": "m", "tokenizer": "app/assets/tiny-tokenizer", "deployment": {"num_replicas": 1},
                       "engine": {"kind": "external", "endpoints": ["http://a:8000"]}}]}, "remove `deployment`"),
     ],

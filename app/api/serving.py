@@ -46,6 +46,7 @@ from app.engines.protocol import EngineOutput, EngineRequest, EngineRequestRejec
 from app.router.admission import InflightLimit
 from app.router.hashing import BlockHasher, get_hasher
 from app.router.models import ModelEntry, ModelRegistry, UnknownModelError
+from app.router.text_keys import ApproximateBlockKeys, chat_key_text
 from app.tokenizer import PromptTokenizer, TemplateError
 
 logger = logging.getLogger(__name__)
@@ -60,10 +61,15 @@ class EngineClient(Protocol):
     def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]: ...
 
 
+DEFAULT_CHARS_PER_TOKEN = 4.0
+
+
 @dataclass
 class ServedModel:
     name: str
-    tokenizer: PromptTokenizer
+    tokenizer: PromptTokenizer | None
+    """None: the servers tokenize (external servers without a configured tokenizer); prompts go to
+    them as text and the router keys them by `text_keys` instead of the servers' block hashes."""
     engine: EngineClient
     max_model_len: int
     block_size: int
@@ -73,6 +79,15 @@ class ServedModel:
     include_prompt_text: bool = False
     """Send the prompt text along (only Ray's PrefixCacheAffinityRouter baseline reads it)."""
     created: int = field(default_factory=lambda: int(time.time()))
+    text_keys: ApproximateBlockKeys | None = None
+
+    def __post_init__(self) -> None:
+        if self.tokenizer is None and self.text_keys is None:
+            self.text_keys = ApproximateBlockKeys(self.block_size, DEFAULT_CHARS_PER_TOKEN)
+
+    @property
+    def approximate_keys(self) -> bool:
+        return self.tokenizer is None
 
 
 @dataclass
@@ -103,13 +118,15 @@ class _Result:
     def add(self, output: EngineOutput) -> None:
         self.text += output.text
         self.token_ids.extend(output.token_ids)
-        self.num_output_tokens += len(output.token_ids)
+        self.num_output_tokens = _output_count(output, self.num_output_tokens)
         self.logprobs.extend(output.logprobs or [])
         self.num_prompt_tokens = output.num_prompt_tokens or self.num_prompt_tokens
         self.num_cached_tokens = output.num_cached_tokens or self.num_cached_tokens
         self.finish_reason = output.finish_reason
 
-    def usage(self, num_prompt_tokens: int) -> Usage:
+    def usage(self, request: EngineRequest) -> Usage:
+        # The gateway's own count when it tokenized; the server's when it tokenized itself.
+        num_prompt_tokens = len(request.prompt_token_ids) or self.num_prompt_tokens
         return Usage(
             prompt_tokens=num_prompt_tokens,
             completion_tokens=self.num_output_tokens,
@@ -152,7 +169,7 @@ class OpenAIServing:
         async with self._serve(prepared) as outputs:
             async for output in outputs:
                 result.add(output)
-        usage = result.usage(len(prepared.engine_request.prompt_token_ids))
+        usage = result.usage(prepared.engine_request)
         if endpoint == "chat":
             return ChatCompletionResponse(
                 id=prepared.request_id,
@@ -197,7 +214,7 @@ class OpenAIServing:
                 if output.finished:
                     yield chunks.piece(None, output.finish_reason)
         if prepared.include_usage:
-            yield chunks.usage(result.usage(len(prepared.engine_request.prompt_token_ids)))
+            yield chunks.usage(result.usage(prepared.engine_request))
 
     # -- preparing a request -------------------------------------------------------------------
 
@@ -217,29 +234,45 @@ class OpenAIServing:
         except ValidationError as error:
             raise invalid_field(error.errors()) from None
         model = self._resolve(request.model)
+        messages: list[dict[str, str]] | None = None
+        text: str | None = None
         if endpoint == "chat":
             assert isinstance(request, ChatCompletionRequest)
             _reject_unsupported_chat(request)
-            prompt = self._chat_prompt(model, request.messages)
+            messages = _text_messages(request.messages)
+            prompt = self._chat_prompt(model, messages) if model.tokenizer is not None else []
             max_tokens = request.max_completion_tokens or request.max_tokens
             logprobs = (request.top_logprobs or 0) if request.logprobs else None
         else:
             assert isinstance(request, CompletionRequest)
             _reject_unsupported_completion(request)
-            prompt = self._completion_prompt(model, request.prompt)
-            max_tokens = request.max_tokens or min(
-                DEFAULT_COMPLETION_MAX_TOKENS, max(model.max_model_len - len(prompt), 1)
+            completion_prompt = self._completion_prompt(model, request.prompt)
+            prompt, text = ([], completion_prompt) if isinstance(completion_prompt, str) else (completion_prompt, None)
+            max_tokens = request.max_tokens or (
+                DEFAULT_COMPLETION_MAX_TOKENS if text is not None
+                else min(DEFAULT_COMPLETION_MAX_TOKENS, max(model.max_model_len - len(prompt), 1))
             )
             logprobs = request.logprobs
         if request.n != 1:
             raise bad_request("only n=1 is supported; send one request per choice", param="n")
-        max_tokens = self._check_length(model, len(prompt), max_tokens)
+        if prompt or model.tokenizer is not None:
+            max_tokens = self._check_length(model, len(prompt), max_tokens)
+            block_hashes = model.hasher.block_hashes(prompt, model.block_size)
+            estimate = None
+        else:
+            # The servers tokenize: they check the length, and the router keys on the text.
+            assert model.text_keys is not None
+            key_text = chat_key_text(messages or []) if text is None else text
+            block_hashes = model.text_keys.block_keys(key_text)
+            estimate = model.text_keys.estimate_tokens(key_text)
         engine_request = EngineRequest(
             request_id=f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
             model=model.name,
             prompt_token_ids=prompt,
-            block_hashes=model.hasher.block_hashes(prompt, model.block_size),
-            prompt=_prompt_text(request) if model.include_prompt_text else None,
+            block_hashes=block_hashes,
+            chat_messages=messages if estimate is not None and text is None else None,
+            prompt_tokens_estimate=estimate,
+            prompt=text if text is not None else (_prompt_text(request) if model.include_prompt_text else None),
             sampling=SamplingParams(
                 max_tokens=max_tokens,
                 temperature=request.temperature,
@@ -268,35 +301,32 @@ class OpenAIServing:
             ) from None
 
     @staticmethod
-    def _chat_prompt(model: ServedModel, messages: list[ChatMessage]) -> list[int]:
-        rendered: list[dict[str, str]] = []
-        for index, message in enumerate(messages):
-            content = message.content
-            if isinstance(content, list):
-                for part in content:
-                    if part.type != "text" or part.text is None:
-                        raise bad_request(
-                            f"messages[{index}]: content parts of type {part.type!r} are not supported; "
-                            "this model takes text only",
-                            param=f"messages.{index}.content",
-                        )
-                content = "\n".join(part.text or "" for part in content)
-            rendered.append({"role": message.role, "content": content or ""})
+    def _chat_prompt(model: ServedModel, messages: list[dict[str, str]]) -> list[int]:
+        assert model.tokenizer is not None
         try:
-            return model.tokenizer.encode_chat(rendered)
+            return model.tokenizer.encode_chat(messages)
         except TemplateError as error:
             raise bad_request(f"the chat template rejected the messages: {error}", param="messages") from None
 
     @staticmethod
-    def _completion_prompt(model: ServedModel, prompt: str | list[int] | list[str] | list[list[int]]) -> list[int]:
+    def _completion_prompt(
+        model: ServedModel, prompt: str | list[int] | list[str] | list[list[int]]
+    ) -> list[int] | str:
+        """Token ids, or the text itself when the servers tokenize (no tokenizer here)."""
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
             prompt = prompt[0]
         if isinstance(prompt, str):
+            if model.tokenizer is None:
+                if not prompt:
+                    raise bad_request("the prompt is empty", param="prompt")
+                return prompt
             return model.tokenizer.encode(prompt)
         if not prompt or not all(isinstance(token, int) for token in prompt):
             raise bad_request(
                 "batched prompts are not supported; send one request per prompt", param="prompt"
             )
+        if model.tokenizer is None:
+            return list(prompt)  # type: ignore[arg-type]  # the server checks its vocabulary
         vocab = model.tokenizer.vocab_size
         bad = next((token for token in prompt if not 0 <= token < vocab), None)  # type: ignore[operator]
         if bad is not None:
@@ -365,20 +395,23 @@ class OpenAIServing:
         metrics, name = self.metrics, prepared.model.name
         generation_tokens = metrics.generation_tokens.labels(name)
         first = True
+        generated = 0
         try:
             async with contextlib.aclosing(prepared.model.engine.generate(prepared.engine_request)) as outputs:
                 async for output in outputs:
                     if output.finish_reason == "abort":
                         raise APIError(503, "The engine stopped this request before it finished; retry it.",
                                        retry_after_s=self._retry_after_s)
-                    if first and output.token_ids:
+                    if first and (output.token_ids or output.text):
                         first = False
                         metrics.ttft.labels(name).observe(time.monotonic() - started)
                     if output.finished:
                         # Real vLLM reports cached prompt tokens only with the final usage.
                         metrics.prompt_tokens.labels(name).inc(output.num_prompt_tokens)
                         metrics.cached_prompt_tokens.labels(name).inc(output.num_cached_tokens)
-                    generation_tokens.inc(len(output.token_ids))
+                    counted = _output_count(output, generated)
+                    generation_tokens.inc(counted - generated)
+                    generated = counted
                     yield output
         except EngineRequestRejected as error:
             # Through Ray the exception arrives wrapped; its `cause` is the engine's own.
@@ -426,6 +459,31 @@ class _ChunkFactory:
         p = self._p
         chunk_type = ChatCompletionChunk if p.endpoint == "chat" else CompletionChunk
         return chunk_type(id=p.request_id, created=p.created, model=p.model.name, choices=[], usage=usage)
+
+
+def _output_count(output: EngineOutput, so_far: int) -> int:
+    """Tokens generated up to this output: counted from token ids, or the server's own total."""
+    if output.num_output_tokens is not None:
+        return max(so_far, output.num_output_tokens)
+    return so_far + len(output.token_ids)
+
+
+def _text_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """The conversation as role/content strings (text parts joined); other parts are refused."""
+    rendered: list[dict[str, str]] = []
+    for index, message in enumerate(messages):
+        content = message.content
+        if isinstance(content, list):
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise bad_request(
+                        f"messages[{index}]: content parts of type {part.type!r} are not supported; "
+                        "this model takes text only",
+                        param=f"messages.{index}.content",
+                    )
+            content = "\n".join(part.text or "" for part in content)
+        rendered.append({"role": message.role, "content": content or ""})
+    return rendered
 
 
 def _chat_logprobs(entries: Sequence[TokenLogprob]) -> ChatLogprobs:

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from app.api.serving import EngineClient
 from app.deployments.engine_client import replica_failed, without_failed_replica
+from app.engines.external.text_client import OpenAITextClient
 from app.engines.protocol import EngineOutput, EngineRequest, EngineUnavailableError
 from app.engines.vllm.client import VLLMCompletionsClient, token_text
 from app.router.state import ClusterState, ReplicaState
@@ -59,19 +60,31 @@ def reachable_from(replica: ReplicaState, node_id: str | None) -> str | None:
     return url
 
 
-class EngineServers:
-    """One completions client per engine server URL, sharing one HTTP connection pool."""
+ServerClient = VLLMCompletionsClient | OpenAITextClient
 
-    def __init__(self, http: httpx.AsyncClient, served_model_name: str, tokenizer: PromptTokenizer | None) -> None:
+
+class EngineServers:
+    """One client per engine server URL, sharing one HTTP connection pool.
+
+    `servers_tokenize`: the gateway has no tokenizer for the model, so prompts go out as text or
+    messages (OpenAITextClient) instead of token ids.
+    """
+
+    def __init__(
+        self, http: httpx.AsyncClient, served_model_name: str, tokenizer: PromptTokenizer | None,
+        *, servers_tokenize: bool = False,
+    ) -> None:
         self._http = http
         self._model = served_model_name
         self._tokenizer = tokenizer
-        self._clients: dict[str, VLLMCompletionsClient] = {}
+        self._servers_tokenize = servers_tokenize
+        self._clients: dict[str, ServerClient] = {}
 
-    def get(self, url: str) -> VLLMCompletionsClient:
+    def get(self, url: str) -> ServerClient:
         client = self._clients.get(url)
         if client is None:
-            client = VLLMCompletionsClient(self._http, url, self._model, decode=self._decode)
+            client = (OpenAITextClient(self._http, url, self._model) if self._servers_tokenize
+                      else VLLMCompletionsClient(self._http, url, self._model, decode=self._decode))
             self._clients[url] = client
         return client
 
@@ -80,7 +93,7 @@ class EngineServers:
 
 
 async def stream_from_server(
-    server: VLLMCompletionsClient, request: EngineRequest, replica_id: str, *, one_shot: bool = False,
+    server: ServerClient, request: EngineRequest, replica_id: str, *, one_shot: bool = False,
     retry_after_s: float = 1.0,
 ) -> AsyncIterator[EngineOutput]:
     """One attempt at a request on one server. A failure before any output raises

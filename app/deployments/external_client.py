@@ -42,7 +42,8 @@ class ExternalEngineClient:
         streams: Counter | None = None,
     ) -> None:
         self._state = state
-        self._servers = EngineServers(http, served_model_name, tokenizer)
+        # Without the model's tokenizer the servers get the prompt as text and tokenize it themselves.
+        self._servers = EngineServers(http, served_model_name, tokenizer, servers_tokenize=tokenizer is None)
         self._model = model
         self._max_attempts = max_attempts
         self._avoid_failed_for_s = avoid_failed_for_s

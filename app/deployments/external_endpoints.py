@@ -47,6 +47,11 @@ class _NoEvents:
         return []  # (re-)registering means the server's cache is new, or the actor lost it anyway
 
 
+def external_replica_id(model: str, url: str) -> str:
+    """The router's id for one model on one external server."""
+    return f"{model}@{url}"
+
+
 @dataclass
 class EndpointStatus:
     url: str
@@ -71,9 +76,12 @@ class WatchedEndpoint:
         http: httpx.AsyncClient,
         cluster_state: ClusterStateConfig,
         node_id: str | None,
+        use_kv_events: bool = True,
     ) -> None:
         self.endpoint = endpoint
         self.url = endpoint.url
+        # One server may serve several of the gateway's models (names, adapters): one replica per model.
+        self.replica_id = external_replica_id(model, endpoint.url)
         self._engine = engine
         self._model = model
         self._node_id = node_id
@@ -81,7 +89,9 @@ class WatchedEndpoint:
             endpoint.url, http, model=model, endpoint_id=endpoint.url, hash_seed=engine.hash_seed,
             down_after_s=engine.down_after_s, timeout_s=max(engine.scrape_interval_s * 5, 1.0),
         )
-        self.events = KVEventSubscriber(connect=endpoint.kv_events) if endpoint.kv_events else None
+        # Events name blocks by the server's token hashes; without the tokenizer no request key ever matches.
+        subscribe = endpoint.kv_events is not None and use_kv_events
+        self.events = KVEventSubscriber(connect=endpoint.kv_events) if subscribe else None
         self.reporter = EngineReporter(app_name, self._info(), self.events or _NoEvents(), self._stats, cluster_state)
         self._seen_publisher_restarts = 0
         self._warned_geometry = False
@@ -92,9 +102,9 @@ class WatchedEndpoint:
         stats = self.monitor.stats
         cache = stats.cache_config if stats is not None else None
         return ReplicaInfo(
-            replica_id=self.url,
+            replica_id=self.replica_id,
             model=self._model,
-            engine_id=f"{self.url}#{self.monitor.generation}",
+            engine_id=f"{self.replica_id}#{self.monitor.generation}",
             block_size=self._engine.block_size,
             num_gpu_blocks=(cache.num_gpu_blocks if cache is not None and cache.num_gpu_blocks > 0
                             else _DEFAULT_NUM_BLOCKS),
@@ -211,6 +221,11 @@ class EndpointWatcher:
         assert isinstance(config.engine, ExternalEngineConfig)
         self._engine = config.engine
         self._model = config.name
+        self._use_kv_events = config.tokenizer is not None
+        publishing = self._engine.kubernetes is not None and self._engine.kubernetes.kv_events_port is not None
+        if not self._use_kv_events and (publishing or any(e.kv_events for e in self._engine.endpoints)):
+            logger.warning("model %s has no tokenizer configured, so the servers' KV events cannot be matched to "
+                           "requests and are not subscribed to; set `tokenizer` to route on them", self._model)
         context = serve.get_replica_context()
         self._app_name = context.app_name if context else ""
         self._cluster_state = ClusterStateConfig.model_validate(cluster_state or {})
@@ -233,7 +248,8 @@ class EndpointWatcher:
             await self.endpoints.pop(url).close()
         added = [
             WatchedEndpoint(endpoint, self._engine, app_name=self._app_name, model=self._model, http=self._http,
-                            cluster_state=self._cluster_state, node_id=self._node_id)
+                            cluster_state=self._cluster_state, node_id=self._node_id,
+                            use_kv_events=self._use_kv_events)
             for url, endpoint in wanted.items() if url not in self.endpoints
         ]
         # The first scrape happens before this returns, so a gateway that reports ready can route.

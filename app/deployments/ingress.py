@@ -10,6 +10,7 @@ Handle methods take and return OpenAI-shaped dicts and raise app.api.errors.APIE
 # No `from __future__ import annotations`: Serve rebuilds route signatures and needs real types.
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -35,7 +36,28 @@ from app.engines.external.config import ExternalEngineConfig
 from app.router.hashing import get_hasher
 from app.router.scheduler import Scheduler
 from app.router.state import ClusterState, ReplicaRole
+from app.router.text_keys import ApproximateBlockKeys
 from app.tokenizer import PromptTokenizer
+
+logger = logging.getLogger("ray.serve")
+
+def _load_tokenizer(model: ModelConfig) -> PromptTokenizer | None:
+    folder = model.tokenizer_dir
+    return PromptTokenizer.from_dir(folder) if folder is not None else None
+
+
+def _text_keys(model: ModelConfig) -> ApproximateBlockKeys:
+    assert isinstance(model.engine, ExternalEngineConfig)
+    keys = ApproximateBlockKeys(model.engine.block_size, model.engine.chars_per_token)
+    # Said once per ingress replica: routing still follows shared prefixes, but only roughly.
+    logger.warning(
+        "model %s has no tokenizer configured: the servers tokenize prompts themselves and the router keys "
+        "prefixes on text (%d characters per block, about %s per token) instead of the servers' block hashes; "
+        "set `tokenizer` on the model for exact keys and KV-event routing",
+        model.name, keys.chars_per_block, model.engine.chars_per_token,
+    )
+    return keys
+
 
 gateway_api = FastAPI(title="LLM gateway", description="OpenAI-compatible API over Ray Serve")
 install_error_handlers(gateway_api)
@@ -65,7 +87,7 @@ class OpenAIIngress:
         self._node_id = ray.get_runtime_context().get_node_id()
         self._http = new_http_client()
         self._external_clients: dict[float, httpx.AsyncClient] = {}
-        tokenizers = {model.name: PromptTokenizer.from_dir(model.tokenizer_dir) for model in gateway.models}
+        tokenizers = {model.name: _load_tokenizer(model) for model in gateway.models}
         models = [
             ServedModel(
                 name=model.name,
@@ -76,9 +98,14 @@ class OpenAIIngress:
                 hasher=get_hasher(model.engine.hash_algo, model.engine.hash_seed),
                 aliases=tuple(model.aliases),
                 include_prompt_text=gateway.routing.policy == "ray_prefix_cache_affinity",
+                text_keys=_text_keys(model) if tokenizers[model.name] is None else None,
             )
             for model in gateway.models
         ]
+        for served in models:
+            self.router_metrics.prefix_keys.labels(
+                served.name, "approximate" if served.approximate_keys else "exact"
+            ).set(1)
         self.serving = OpenAIServing(
             models,
             metrics=self.metrics,
@@ -94,7 +121,7 @@ class OpenAIIngress:
         model: ModelConfig,
         handles: dict[str, DeploymentHandle],
         retry_after_s: float,
-        tokenizer: PromptTokenizer,
+        tokenizer: PromptTokenizer | None,
     ) -> EngineClient:
         clients: dict[str, EngineClient] = {}
         if isinstance(model.engine, ExternalEngineConfig):

@@ -62,6 +62,12 @@ class RouterMetrics:
             "gateway_replica_load", "Per engine replica: in-flight (this router), running, waiting, KV usage.",
             ["model", "replica", "signal"], registry=r,
         )
+        self.prefix_keys = Gauge(
+            "gateway_routing_prefix_keys",
+            "1 for the kind of prefix keys a model is routed on: exact (the engines' block hashes, from the "
+            "model's tokenizer) or approximate (text blocks, when the gateway has no tokenizer for it).",
+            ["model", "kind"], registry=r,
+        )
         self.state_age = Gauge(
             "gateway_cluster_state_age_seconds", "Time since this router last synced with the state actor.",
             registry=r,
@@ -112,7 +118,7 @@ class RoutedEngineClient:
         routing = RoutingRequest(
             model=self._model,
             block_hashes=request.block_hashes,
-            num_prompt_tokens=len(request.prompt_token_ids),
+            num_prompt_tokens=request.num_prompt_tokens,
             block_size=self._block_size,
             roles=self.roles,
         )

@@ -19,7 +19,11 @@ class SamplingParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_tokens: int = Field(ge=1, description="Hard cap on generated tokens.")
+    max_tokens: int | None = Field(
+        default=None, ge=1,
+        description="Hard cap on generated tokens; None: up to the context length (the gateway always sets it "
+        "when it tokenizes, and leaves it to servers that tokenize themselves otherwise).",
+    )
     temperature: float = Field(default=1.0, ge=0.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = None
@@ -37,7 +41,20 @@ class EngineRequest(BaseModel):
 
     request_id: str
     model: str
-    prompt_token_ids: list[int]
+    prompt_token_ids: list[int] = Field(
+        default_factory=list,
+        description="The prompt, tokenized by the gateway. Empty when the server tokenizes (no tokenizer at "
+        "the gateway): then `chat_messages` or `prompt` carries the prompt.",
+    )
+    # Not `messages`: Ray's PrefixCacheAffinityRouter reads the first of `messages`/`prompt` it finds.
+    chat_messages: list[dict[str, str]] | None = Field(
+        default=None,
+        description="A chat's messages, for a server that applies its own chat template (no tokenizer at "
+        "the gateway).",
+    )
+    prompt_tokens_estimate: int | None = Field(
+        default=None, ge=0, description="The prompt's approximate length when the gateway did not tokenize it."
+    )
     block_hashes: list[int] = Field(
         default_factory=list,
         description="The router's keys for the prompt's full blocks (vLLM's hashes, low 64 bits), used "
@@ -50,8 +67,8 @@ class EngineRequest(BaseModel):
     )
     prompt: str | None = Field(
         default=None,
-        description="The rendered prompt text. Engines ignore it; Ray's PrefixCacheAffinityRouter baseline "
-        "matches on it.",
+        description="The prompt text. Servers that tokenize themselves get it as the completion prompt; "
+        "Ray's PrefixCacheAffinityRouter baseline matches on it; engines ignore it.",
     )
     route: list[str] = Field(
         default_factory=list,
@@ -64,6 +81,11 @@ class EngineRequest(BaseModel):
         description="Prefill/decode hand-off, vLLM semantics: `do_remote_decode` asks a prefill engine "
         "to return params; `do_remote_prefill` tells a decode engine to pull the KV cache.",
     )
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """The prompt's length in tokens: exact when the gateway tokenized it, else the estimate."""
+        return len(self.prompt_token_ids) or self.prompt_tokens_estimate or 0
 
 
 class TopLogprob(BaseModel):
@@ -91,6 +113,11 @@ class EngineOutput(BaseModel):
     stop_reason: str | int | None = Field(default=None, description="The stop string or token that ended it.")
     num_prompt_tokens: int = 0
     num_cached_tokens: int = Field(default=0, description="Prompt tokens served from the prefix cache.")
+    num_output_tokens: int | None = Field(
+        default=None,
+        description="Tokens generated so far, from the server's usage, when token_ids are not given (a server "
+        "that tokenizes itself); set on the final output.",
+    )
     logprobs: list[TokenLogprob] | None = Field(
         default=None, description="One entry per token in token_ids, when the request asked for logprobs."
     )

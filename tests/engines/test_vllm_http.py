@@ -111,6 +111,17 @@ async def test_a_400_from_vllm_is_a_rejected_request():
         await collect(lambda r: httpx.Response(400, json=error))
 
 
+async def test_an_error_inside_the_stream_is_the_clients_or_the_servers_as_it_says():
+    # vLLM (and the simulated server) report some refusals after the 200, as an error event.
+    refusal = sse({"choices": [{"delta": {"role": "assistant"}}]},
+                  {"error": {"message": "logprobs are not supported", "type": "BadRequestError", "code": 400}})
+    with pytest.raises(EngineRequestRejected, match="logprobs are not supported"):
+        await collect(lambda r: httpx.Response(200, content=refusal))
+    crash = sse({"error": {"message": "engine dead", "type": "InternalServerError", "code": 500}})
+    with pytest.raises(EngineUnavailableError, match="engine dead"):
+        await collect(lambda r: httpx.Response(200, content=crash))
+
+
 async def test_a_stream_cut_short_is_an_engine_failure():
     with pytest.raises(EngineUnavailableError, match="before the request finished"):
         await collect(lambda r: httpx.Response(200, content=b'data: {"choices": [{"text": "a"}]}\n\n'))

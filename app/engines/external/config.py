@@ -7,6 +7,7 @@ hash function, so those are declared here and must match how the servers were st
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -67,8 +68,29 @@ class KubernetesDiscovery(_Strict):
     in_cluster: bool | None = Field(
         default=None,
         description="Use the pod's service account (true) or a kubeconfig (false); default: the service "
-        "account when running in a pod, else ~/.kube/config or $KUBECONFIG.",
+        "account when running in a pod, else `kubeconfig`, $KUBECONFIG or ~/.kube/config.",
     )
+    kubeconfig: Path | None = Field(
+        default=None, description="A kubeconfig file to use (its current context), e.g. for a gateway outside "
+        "the cluster; default: $KUBECONFIG or ~/.kube/config.",
+    )
+
+    @field_validator("kubeconfig")
+    @classmethod
+    def _kubeconfig_exists(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        value = value.expanduser()
+        if not value.is_file():
+            raise ValueError(f"no kubeconfig file at {value}")
+        return value.resolve()  # replicas may start in another directory
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> KubernetesDiscovery:
+        if self.in_cluster is True and self.kubeconfig is not None:
+            raise ValueError("in_cluster: true uses the pod's service account; remove `kubeconfig`, or set "
+                             "in_cluster: false")
+        return self
 
 
 class ExternalEngineConfig(_Strict):
@@ -89,6 +111,11 @@ class ExternalEngineConfig(_Strict):
     hash_seed: str = Field(default="0", description="The servers' PYTHONHASHSEED (it seeds vLLM's block hashes).")
     enable_prefix_caching: bool = True
     max_num_seqs: int | None = Field(default=None, ge=1, description="The servers' --max-num-seqs, if known.")
+    chars_per_token: float = Field(
+        default=4.0, gt=0, le=64,
+        description="Only without the model's `tokenizer`: characters per token of the approximate text keys "
+        "(a key per block_size tokens' worth of characters) and of the prompt-length estimate.",
+    )
     scrape_interval_s: float = Field(
         default=0.2, gt=0, description="How often each server's /metrics is read for load and health."
     )

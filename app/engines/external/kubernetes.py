@@ -64,20 +64,22 @@ def pod_endpoint(pod: dict[str, Any], config: KubernetesDiscovery) -> ExternalEn
 
 
 def load_api_client(config: KubernetesDiscovery) -> Any:
-    """A client from the pod's service account or a kubeconfig, as `in_cluster` says."""
+    """A client from the pod's service account or a kubeconfig, as the config says. It is this
+    discovery's own: the kubernetes package's global default configuration is left alone."""
     from kubernetes import client
     from kubernetes import config as kube_config
 
-    if config.in_cluster is True:
-        kube_config.load_incluster_config()
-    elif config.in_cluster is False:
-        kube_config.load_kube_config()
-    else:
-        try:
-            kube_config.load_incluster_config()
-        except kube_config.ConfigException:
-            kube_config.load_kube_config()
-    return client.ApiClient()
+    kubeconfig = str(config.kubeconfig) if config.kubeconfig is not None else None
+    if kubeconfig is not None or config.in_cluster is False:
+        return kube_config.new_client_from_config(config_file=kubeconfig, persist_config=False)
+    configuration = client.Configuration()
+    try:
+        kube_config.load_incluster_config(client_configuration=configuration)
+    except kube_config.ConfigException:
+        if config.in_cluster is True:
+            raise
+        return kube_config.new_client_from_config(persist_config=False)
+    return client.ApiClient(configuration)
 
 
 class KubernetesPodDiscovery:
@@ -131,10 +133,13 @@ class KubernetesPodDiscovery:
     def _list_and_watch_forever(self, publish: Callable[[], None]) -> None:
         from kubernetes import client, watch
 
-        api = client.CoreV1Api(self._api_client or load_api_client(self._config))
         namespace, selector = self._config.namespace, self._config.label_selector
+        api: Any = None
         while not self._stopping.is_set():
             try:
+                # Loaded in the loop: a kubeconfig or service account that is missing or broken is
+                # reported and retried like an unreachable API server, not a crash.
+                api = api or client.CoreV1Api(self._api_client or load_api_client(self._config))
                 listing = api.list_namespaced_pod(namespace, label_selector=selector, _preload_content=False,
                                                   _request_timeout=30)
                 data = _json(listing)

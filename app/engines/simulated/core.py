@@ -151,10 +151,16 @@ class SimulatedEngineCore:
                 "the simulated engine does not compute logprobs; serve the model with a vLLM engine for them",
                 param="logprobs",
             )
-        total = len(prompt) + request.sampling.max_tokens
+        max_tokens = request.sampling.max_tokens
+        if len(prompt) >= self.max_model_len:
+            raise EngineRequestRejected(
+                f"the prompt ({len(prompt)} tokens) leaves no room in the model's context of "
+                f"{self.max_model_len} tokens"
+            )
+        total = self.max_model_len if max_tokens is None else len(prompt) + max_tokens
         if total > self.max_model_len:
             raise EngineRequestRejected(
-                f"prompt ({len(prompt)} tokens) plus max_tokens ({request.sampling.max_tokens}) "
+                f"prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) "
                 f"exceeds the model's context of {self.max_model_len} tokens"
             )
         if self.cache.blocks_for(total) > self.cache.num_blocks:
@@ -372,7 +378,9 @@ class SimulatedEngineCore:
             return "stop", None
         if token in sampling.stop_token_ids:
             return "stop", token
-        if seq.num_output_tokens >= sampling.max_tokens or len(seq.token_ids) >= self.max_model_len:
+        if (sampling.max_tokens is not None and seq.num_output_tokens >= sampling.max_tokens) or len(
+            seq.token_ids
+        ) >= self.max_model_len:
             return "length", None
         return None, None
 

@@ -26,32 +26,40 @@ from app.engines.protocol import (
 from app.tokenizer import PromptTokenizer
 
 
+def set_fields(request: EngineRequest) -> dict[str, Any]:
+    """The request's options that are set, as OpenAI/vLLM body fields (unset ones are left out, so
+    the server applies its own defaults and servers without vLLM's extensions are not sent them)."""
+    s = request.sampling
+    fields = {
+        "max_tokens": s.max_tokens,
+        "seed": s.seed,
+        "stop": s.stop or None,
+        "stop_token_ids": s.stop_token_ids or None,
+        "ignore_eos": s.ignore_eos or None,
+        "priority": request.priority or None,  # vLLM refuses a priority unless it schedules by priority
+        "cache_salt": request.cache_salt,
+    }
+    return {key: value for key, value in fields.items() if value is not None}
+
+
 def completion_body(request: EngineRequest, served_model_name: str, *, stream: bool) -> dict[str, Any]:
     s = request.sampling
     body: dict[str, Any] = {
         "model": request.lora_name or served_model_name,
         "prompt": request.prompt_token_ids,
-        "max_tokens": s.max_tokens,
         "temperature": s.temperature,
         "top_p": s.top_p,
         "stream": stream,
         "return_token_ids": True,
+        **set_fields(request),
     }
     if stream:
         body["stream_options"] = {"include_usage": True}
-    optional = {
-        "seed": s.seed,
-        "stop": s.stop or None,
-        "stop_token_ids": s.stop_token_ids or None,
-        "ignore_eos": s.ignore_eos or None,
-        "logprobs": s.logprobs,
+    if s.logprobs is not None:
         # Alternatives keyed by id, not by text: different tokens may decode to the same text.
-        "return_tokens_as_token_ids": True if s.logprobs is not None else None,
-        "priority": request.priority or None,  # vLLM refuses a priority unless it schedules by priority
-        "cache_salt": request.cache_salt,
-        "kv_transfer_params": request.kv_transfer_params,
-    }
-    body.update({key: value for key, value in optional.items() if value is not None})
+        body.update(logprobs=s.logprobs, return_tokens_as_token_ids=True)
+    if request.kv_transfer_params is not None:
+        body["kv_transfer_params"] = request.kv_transfer_params
     return body
 
 
@@ -92,24 +100,81 @@ def _logprobs(choice: dict[str, Any], decode: TokenDecoder | None) -> list[Token
     return out
 
 
-def _output(request_id: str, choice: dict[str, Any], decode: TokenDecoder | None = None) -> EngineOutput:
+def choice_output(
+    request_id: str, choice: dict[str, Any], text: str, logprobs: list[TokenLogprob] | None
+) -> EngineOutput:
+    """One streamed choice (chat or completion) with its text and logprobs already read."""
     return EngineOutput(
         request_id=request_id,
         token_ids=list(choice.get("token_ids") or []),
-        text=choice.get("text") or "",
+        text=text,
         finish_reason=choice.get("finish_reason"),
         stop_reason=choice.get("stop_reason"),
-        logprobs=_logprobs(choice, decode),
+        logprobs=logprobs,
     )
 
 
-def _with_usage(output: EngineOutput, usage: dict[str, Any] | None) -> EngineOutput:
+def completion_output(request_id: str, choice: dict[str, Any], decode: TokenDecoder | None = None) -> EngineOutput:
+    return choice_output(request_id, choice, choice.get("text") or "", _logprobs(choice, decode))
+
+
+def _with_usage(output: EngineOutput, usage: dict[str, Any] | None, *, count_output: bool = False) -> EngineOutput:
     if not usage:
         return output
     details = usage.get("prompt_tokens_details") or {}
     output.num_prompt_tokens = int(usage.get("prompt_tokens") or 0)
     output.num_cached_tokens = int(details.get("cached_tokens") or 0)
+    if count_output:
+        output.num_output_tokens = int(usage.get("completion_tokens") or 0)
     return output
+
+
+ChoiceParser = Callable[[dict[str, Any]], EngineOutput]
+
+
+async def stream_openai(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any], parse_choice: ChoiceParser,
+    *, count_output: bool = False,
+) -> AsyncIterator[EngineOutput]:
+    """An OpenAI server's streamed answer as EngineOutputs. The finishing output is held back for
+    the usage chunk that follows it (cached and, with `count_output`, generated token counts)."""
+    held: EngineOutput | None = None
+    finished = False
+    try:
+        async with client.stream("POST", url, json=body) as response:
+            if response.status_code != 200:
+                _raise_for(response.status_code, await response.aread())
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    # Read on to the end of the body: a connection closed mid-body is not reused,
+                    # and a new one per request costs a TCP handshake on the request path.
+                    continue
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise _stream_error(chunk["error"])
+                choices = chunk.get("choices") or []
+                if not choices:  # the usage chunk, after the finishing one
+                    if held is not None:
+                        yield _with_usage(held, chunk.get("usage"), count_output=count_output)
+                        held = None
+                    continue
+                output = parse_choice(choices[0])
+                if output.finished:
+                    held, finished = output, True
+                    if chunk.get("usage"):  # some servers put usage on the finishing chunk itself
+                        yield _with_usage(held, chunk["usage"], count_output=count_output)
+                        held = None
+                else:
+                    yield output
+    except httpx.TransportError as error:
+        raise EngineUnavailableError(f"lost the connection to the server: {error!r}") from None
+    if not finished:
+        raise EngineUnavailableError("the server ended the stream before the request finished")
+    if held is not None:  # no usage chunk came
+        yield held
 
 
 def _error_message(status: int, body: bytes) -> str:
@@ -135,40 +200,11 @@ class VLLMCompletionsClient:
     async def stream(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         """The request's outputs as vLLM streams them; the last one has finish_reason and usage."""
         body = completion_body(request, self._model, stream=True)
-        held: EngineOutput | None = None
-        finished = False
-        try:
-            async with self._client.stream("POST", self._url, json=body) as response:
-                if response.status_code != 200:
-                    _raise_for(response.status_code, await response.aread())
-                async for line in response.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        # Read on to the end of the body: a connection closed mid-body is not reused,
-                        # and a new one per request costs a TCP handshake on the request path.
-                        continue
-                    chunk = json.loads(data)
-                    if "error" in chunk:
-                        raise EngineUnavailableError(f"vLLM failed the request: {chunk['error']}")
-                    choices = chunk.get("choices") or []
-                    if not choices:  # the usage chunk, after the finishing one
-                        if held is not None:
-                            yield _with_usage(held, chunk.get("usage"))
-                            held = None
-                        continue
-                    output = _output(request.request_id, choices[0], self._decode)
-                    if output.finished:
-                        held, finished = output, True
-                    else:
-                        yield output
-        except httpx.TransportError as error:
-            raise EngineUnavailableError(f"lost the connection to the vLLM server: {error!r}") from None
-        if not finished:
-            raise EngineUnavailableError("the vLLM server ended the stream before the request finished")
-        if held is not None:  # no usage chunk came
-            yield held
+        decode = self._decode
+        async for output in stream_openai(
+            self._client, self._url, body, lambda choice: completion_output(request.request_id, choice, decode)
+        ):
+            yield output
 
     async def complete(self, request: EngineRequest) -> EngineOutput:
         """The whole answer in one output, with the kv_transfer_params a prefill engine returns."""
@@ -180,13 +216,23 @@ class VLLMCompletionsClient:
         if response.status_code != 200:
             _raise_for(response.status_code, response.content)
         reply = response.json()
-        output = _with_usage(_output(request.request_id, reply["choices"][0], self._decode), reply.get("usage"))
+        choice = reply["choices"][0]
+        output = _with_usage(completion_output(request.request_id, choice, self._decode), reply.get("usage"))
         output.kv_transfer_params = reply.get("kv_transfer_params")
         return output
+
+
+def _stream_error(error: Any) -> Exception:
+    """An error sent inside a stream: the client's (a 400 the server found late) or the server's."""
+    if isinstance(error, dict):
+        code = error.get("code")
+        if error.get("type") in ("invalid_request_error", "BadRequestError") or code in (400, "400"):
+            return EngineRequestRejected(str(error.get("message") or error), param=error.get("param"))
+    return EngineUnavailableError(f"the server failed the request: {error}")
 
 
 def _raise_for(status: int, body: bytes) -> None:
     message = _error_message(status, body)
     if status == 400:
         raise EngineRequestRejected(message)
-    raise EngineUnavailableError(f"vLLM answered HTTP {status}: {message}")
+    raise EngineUnavailableError(f"the server answered HTTP {status}: {message}")
