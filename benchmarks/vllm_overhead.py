@@ -59,9 +59,10 @@ DIRECT_INGRESS = False
 """--direct-ingress: the gateway's direct-ingress mode (README), the Ray settings scripts/run-local.sh sets."""
 
 
-def start(config: dict) -> int:
-    """Starts the gateway; returns the port clients use: the Serve proxy's, or with --direct-ingress the
-    ingress replica's own."""
+def start(config: dict, replicas: int | None = None) -> int:
+    """Starts the gateway and waits for `replicas` (default: the engine replicas the config runs) to
+    register; returns the port clients use: the Serve proxy's, or with --direct-ingress the ingress
+    replica's own."""
     import ray
     from ray import serve
 
@@ -76,7 +77,8 @@ def start(config: dict) -> int:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_gateway(parse_gateway_config(config)), name="gateway", route_prefix="/")
-    replicas = sum(2 if m.get("disaggregation") else m["deployment"]["num_replicas"] for m in config["models"])
+    if replicas is None:
+        replicas = sum(2 if m.get("disaggregation") else m["deployment"]["num_replicas"] for m in config["models"])
     handle = serve.get_app_handle("gateway")
     assert wait_for(lambda: len(handle.routing_state.remote().result()["replicas"]) == replicas, timeout_s=300)
     return direct_port if DIRECT_INGRESS else port
