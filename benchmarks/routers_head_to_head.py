@@ -123,15 +123,10 @@ def start_binary_router(kind: str, policy: str, servers: list[SimServer], venv: 
     return RunningRouter(base, stop)
 
 
-def start_our_gateway(servers: list[SimServer], policy: str, serve_port: int, run: int) -> RunningRouter:
-    from ray import serve
-
-    from app.config import parse_gateway_config
-    from app.deployments.builder import build_gateway
+def our_app_args(servers: list[SimServer], policy: str) -> dict:
     from app.tokenizer import BUILTIN_TOKENIZER_DIR
 
-    app = f"ours-{run}"
-    args = {
+    return {
         "models": [{
             "name": MODEL,
             "max_model_len": 8192,
@@ -141,8 +136,20 @@ def start_our_gateway(servers: list[SimServer], policy: str, serve_port: int, ru
         }],
         "routing": {"policy": policy},
     }
+
+
+def start_our_gateway(servers: list[SimServer], policy: str, serve_port: int, run: int,
+                      direct_port: int | None = None) -> RunningRouter:
+    from ray import serve
+
+    from app.config import parse_gateway_config
+    from app.deployments.builder import build_gateway
+
+    app = f"ours-{run}"
+    args = our_app_args(servers, policy)
     serve.run(build_gateway(parse_gateway_config(args)), name=app, route_prefix=f"/{app}")
-    base = f"http://127.0.0.1:{serve_port}/{app}"
+    # Direct ingress: the ingress replica's own port, at the root (one application at a time).
+    base = f"http://127.0.0.1:{direct_port}" if direct_port else f"http://127.0.0.1:{serve_port}/{app}"
     wait_until_ready(base + "/v1/models", timeout_s=120)
     handle = serve.get_deployment_handle("ingress", app_name=app)
     if not wait_for(lambda: len(handle.routing_state.remote().result()["replicas"]) == len(servers), timeout_s=60):
@@ -233,6 +240,9 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results to this JSON file")
+    p.add_argument("--direct-ingress", action="store_true",
+                   help="ours: clients call the ingress replica's own HTTP server, no Serve proxy (README)")
+    p.add_argument("--repeat", type=int, default=1, help="run the list of routers this many times over")
     args = p.parse_args()
 
     import ray
@@ -242,16 +252,24 @@ def main() -> None:
     engine_config.write_text(json.dumps({"num_blocks": args.num_blocks, "max_num_seqs": args.max_num_seqs}))
     servers = start_fleet(args.servers, engine_config, args.time_scale)
     serve_port = free_port()
+    direct_port: int | None = None
+    if args.direct_ingress:  # before ray.init: Ray's processes read these when they start
+        from app.config import ServeConfigFile, direct_ingress_env
+
+        direct_port = free_port()
+        file = ServeConfigFile.model_validate({"http_options": {"port": serve_port},
+                                               "applications": [{"args": our_app_args(servers, "prefix_aware")}]})
+        os.environ.update(direct_ingress_env(file, direct_port))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": serve_port})
     rows: list[dict] = []
     try:
         for workload in args.workloads.split(","):
-            for run, router in enumerate(args.routers.split(",")):
+            for run, router in enumerate(args.routers.split(",") * args.repeat):
                 kind, policy = router.split(":")
                 restart_fleet(servers)
                 if kind == "ours":
-                    running = start_our_gateway(servers, policy, serve_port, run)
+                    running = start_our_gateway(servers, policy, serve_port, run, direct_port)
                 else:
                     running = start_binary_router(kind, policy, servers, args.routers_venv)
                 try:
@@ -269,6 +287,7 @@ def main() -> None:
                 finally:
                     running.stop()
                 row.update(servers=args.servers, time_scale=args.time_scale, num_blocks=args.num_blocks,
+                           direct_ingress=kind == "ours" and args.direct_ingress,
                            rate=args.rate if workload == "shared_prefix" else args.session_rate)
                 rows.append(row)
                 print(f"{workload:13s} {router:26s} TTFT p50 {row['ttft_p50']:6.3f}s p90 {row['ttft_p90']:6.3f}s "

@@ -33,6 +33,8 @@ from app.router.state import ReplicaInfo, ReplicaStats
 
 logger = logging.getLogger("ray.serve")
 
+_FIRST_LIST_WAIT_S = 15.0
+
 _DEFAULT_NUM_BLOCKS = 65_536
 """Capacity assumed for a server whose /metrics does not say (it bounds the router's index only)."""
 
@@ -235,8 +237,22 @@ class EndpointWatcher:
         self._discovery_task: asyncio.Task[None] | None = None
         if self._engine.kubernetes is not None:
             # Pods come and go: the watch hands over the whole ready set at every change.
-            self._discovery = KubernetesPodDiscovery(self._engine.kubernetes, self.set_endpoints)
+            listed = asyncio.Event()
+
+            async def on_change(endpoints: list[ExternalEndpoint]) -> None:
+                await self.set_endpoints(endpoints)
+                listed.set()
+
+            self._discovery = KubernetesPodDiscovery(self._engine.kubernetes, on_change)
             self._discovery_task = asyncio.get_running_loop().create_task(self._discovery.run())
+            # Like a fixed list, the first set is in place before the gateway reports ready; an API
+            # server that cannot be reached yet delays that by at most this, and is retried after.
+            try:
+                await asyncio.wait_for(listed.wait(), timeout=_FIRST_LIST_WAIT_S)
+            except TimeoutError:
+                logger.warning("model %s: Kubernetes discovery has not listed pods after %.0fs (%s); starting "
+                               "without servers, still trying", self._model, _FIRST_LIST_WAIT_S,
+                               self._discovery.last_error)
         else:
             await self.set_endpoints(self._engine.endpoints)
 

@@ -298,6 +298,7 @@ def test_servers_found_through_kubernetes_join_and_leave_the_gateway(fleet, tmp_
             except openai.APIStatusError as error:
                 return f"{error.status_code} {error.code or ''}".strip()
 
+        # The first list is in before the application reports ready, as a fixed list's first scrape is.
         assert watcher.discovery_status.remote().result(timeout_s=10)["lists"] >= 1
         assert ask() == "503 no_healthy_endpoint"  # no ready pod: nothing to route to, and it says so
         emulator.set_ready("server-0")
