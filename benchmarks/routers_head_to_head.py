@@ -147,8 +147,10 @@ def start_our_gateway(servers: list[SimServer], policy: str, serve_port: int, ru
 
     app = f"ours-{run}"
     args = our_app_args(servers, policy)
-    serve.run(build_gateway(parse_gateway_config(args)), name=app, route_prefix=f"/{app}")
-    # Direct ingress: the ingress replica's own port, at the root (one application at a time).
+    # Direct ingress: the ingress replica's own port, which keeps the route prefix; one application
+    # runs at a time, so it takes the root.
+    prefix = "/" if direct_port else f"/{app}"
+    serve.run(build_gateway(parse_gateway_config(args)), name=app, route_prefix=prefix)
     base = f"http://127.0.0.1:{direct_port}" if direct_port else f"http://127.0.0.1:{serve_port}/{app}"
     wait_until_ready(base + "/v1/models", timeout_s=120)
     handle = serve.get_deployment_handle("ingress", app_name=app)
