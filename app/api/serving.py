@@ -61,9 +61,6 @@ class EngineClient(Protocol):
     def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]: ...
 
 
-DEFAULT_CHARS_PER_TOKEN = 4.0
-
-
 @dataclass
 class ServedModel:
     name: str
@@ -83,7 +80,7 @@ class ServedModel:
 
     def __post_init__(self) -> None:
         if self.tokenizer is None and self.text_keys is None:
-            self.text_keys = ApproximateBlockKeys(self.block_size, DEFAULT_CHARS_PER_TOKEN)
+            raise ValueError(f"model {self.name!r} has no tokenizer: give the text_keys its router keys on")
 
     @property
     def approximate_keys(self) -> bool:
@@ -258,19 +255,20 @@ class OpenAIServing:
         if prompt or model.tokenizer is not None:
             max_tokens = self._check_length(model, len(prompt), max_tokens)
             block_hashes = model.hasher.block_hashes(prompt, model.block_size)
-            estimate = None
+            estimate, chat_messages = None, None
         else:
             # The servers tokenize: they check the length, and the router keys on the text.
             assert model.text_keys is not None
             key_text = chat_key_text(messages or []) if text is None else text
             block_hashes = model.text_keys.block_keys(key_text)
             estimate = model.text_keys.estimate_tokens(key_text)
+            chat_messages = messages  # None for a completion: its text goes as `prompt`
         engine_request = EngineRequest(
             request_id=f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
             model=model.name,
             prompt_token_ids=prompt,
             block_hashes=block_hashes,
-            chat_messages=messages if estimate is not None and text is None else None,
+            chat_messages=chat_messages,
             prompt_tokens_estimate=estimate,
             prompt=text if text is not None else (_prompt_text(request) if model.include_prompt_text else None),
             sampling=SamplingParams(

@@ -15,7 +15,7 @@ from app.engines.external.text_client import OpenAITextClient, text_body
 from app.engines.protocol import EngineRequest, SamplingParams
 from app.engines.simulated.config import SimulatedEngineConfig
 from app.engines.simulated.server import create_app
-from app.router.text_keys import chat_key_text
+from app.router.text_keys import ApproximateBlockKeys, chat_key_text
 from app.tokenizer import BUILTIN_TOKENIZER_DIR, PromptTokenizer
 
 SYSTEM = "You answer questions about the cluster in one short sentence. " * 3
@@ -42,7 +42,8 @@ async def gateway():
         transport=httpx.ASGITransport(app=app), base_url="http://server"
     ) as http:
         engine = RecordingServer(OpenAITextClient(http, "http://server", "sim-llama"))
-        model = ServedModel(name="untokenized", tokenizer=None, engine=engine, max_model_len=4096, block_size=16)
+        model = ServedModel(name="untokenized", tokenizer=None, engine=engine, max_model_len=4096, block_size=16,
+                            text_keys=ApproximateBlockKeys(block_size=16, chars_per_token=4.0))
         yield OpenAIServing([model]), engine
 
 
