@@ -116,8 +116,13 @@ class ClusterStateActor:
     ) -> SyncReply:
         self._expire_silent_replicas()
         for replica_id, hashes in speculated:
-            if replica_id in self.state.replicas:
+            replica = self.state.replicas.get(replica_id)
+            if replica is not None:
                 self._append(IndexOp("speculate", replica_id, hashes, origin=router_id))
+                if not replica.info.kv_events:
+                    # For a server without events the routers' guesses are all anyone will ever know of
+                    # its cache: they belong in the snapshot a new (or lagging) router starts from.
+                    self.state.index.add(replica_id, hashes)
         reply = SyncReply(
             epoch=self.epoch,
             version=self._version,

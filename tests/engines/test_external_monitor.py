@@ -26,6 +26,12 @@ async def test_load_health_and_a_restart_are_seen_from_outside():
             assert result.ok and not result.restarted and monitor.generation == 0
             assert monitor.stats.request_success == 3 and monitor.stats.prompt_tokens > 0
 
+            # The monitor itself late (a stalled loop) is no outage: the server answered whenever asked.
+            await asyncio.sleep(0.7)
+            assert monitor.healthy
+            result = await monitor.poll()
+            assert result.ok and not result.restarted and monitor.generation == 0
+
             # A quick restart (back before the monitor calls the server down): its counters start again.
             server.stop()
             failed = await monitor.poll()

@@ -4,6 +4,10 @@ The gateway does not own these servers, so it cannot know when one restarts. It 
 - a counter that only grows (prompt tokens, prefix-cache queries, finished requests) went down;
 - or the server stopped answering for `down_after_s` and came back.
 
+A gap counts only when the server was asked and did not answer: a watcher that was itself late (a
+stalled event loop, a slow call elsewhere) must not mistake its own silence for the server's, or
+every pause would drop the router's picture of a healthy server's cache.
+
 Either way the server's prefix cache is empty now, so the router must drop what it believed the
 server held. `generation` goes up by one each time; whoever mirrors the server's cache compares it.
 """
@@ -58,19 +62,17 @@ class EndpointMonitor:
         self.generation = 0
         self.last_ok: float | None = None
         self.last_error: str | None = None
+        self._failing = False
+        """The latest poll got no good answer."""
         self._was_down = False
 
     @property
     def healthy(self) -> bool:
-        return self.last_ok is not None and not self._is_down(time.monotonic())
-
-    def _is_down(self, now: float) -> bool:
-        return self.last_ok is None or now - self.last_ok > self._down_after_s
+        if self.last_ok is None:
+            return False
+        return not (self._failing and time.monotonic() - self.last_ok > self._down_after_s)
 
     async def poll(self) -> PollResult:
-        now = time.monotonic()
-        if self.last_ok is not None and self._is_down(now):
-            self._was_down = True
         try:
             response = await self._http.get(self.url + "/metrics", timeout=self._timeout_s)
             response.raise_for_status()
@@ -78,11 +80,15 @@ class EndpointMonitor:
                                  hash_seed=self._hash_seed)
         except (httpx.HTTPError, MetricsFormatError) as error:
             self.last_error = f"{type(error).__name__}: {error}"
+            self._failing = True
+            if not self.healthy and self.last_ok is not None:
+                self._was_down = True
             return PollResult(ok=False, error=self.last_error)
         restarted = self.stats is not None and (self._was_down or counters_went_back(self.stats, stats))
         if restarted:
             self.generation += 1
         self._was_down = False
+        self._failing = False
         self.stats = stats
         self.last_ok = time.monotonic()
         self.last_error = None
