@@ -121,8 +121,8 @@ class ExternalEngineConfig(_Strict):
     )
     down_after_s: float = Field(
         default=3.0, gt=0,
-        description="A server that has not answered /metrics this long leaves the routing candidates; when "
-        "it answers again its cache is taken to be empty (it may have restarted).",
+        description="A server whose /metrics scrapes have failed this long since its last good one leaves the "
+        "routing candidates; when it answers again its cache is taken to be empty (it may have restarted).",
     )
     max_attempts: int = Field(
         default=3, ge=1,
