@@ -2,7 +2,6 @@
 Serve config file, both rejecting unknown keys with the path of the offending key.
 
     python -m app.config check configs/local.yaml     # validate a Serve config file
-    python -m app.config direct-ingress-env configs/local.yaml [PORT]   # Ray settings, direct ingress
 """
 
 from __future__ import annotations
@@ -189,8 +188,30 @@ class ModelConfig(_Strict):
         return value.resolve() if value is not None else None
 
 
+class ListenConfig(_Strict):
+    """The gateway's own HTTP server, in every ingress replica: clients reach it with no proxy hop."""
+
+    host: str = Field(
+        default="127.0.0.1",
+        description="127.0.0.1 for this machine only; 0.0.0.0 to take connections from others (a cluster, "
+        "behind a TCP load balancer such as a Kubernetes Service).",
+    )
+    port: int = Field(
+        default=8000, ge=1, le=65535,
+        description="Every ingress replica on a node listens here (SO_REUSEPORT): the kernel spreads "
+        "connections over them.",
+    )
+    keep_alive_s: float = Field(default=5.0, gt=0, description="Idle client connections are closed after this.")
+
+
 class IngressConfig(_Strict):
     """The OpenAI ingress deployment."""
+
+    listen: ListenConfig | None = Field(
+        default_factory=ListenConfig,
+        description="The gateway's own HTTP listener (the fast path). null: clients reach the gateway only "
+        "through Serve's HTTP proxy (http_options) and Python handles.",
+    )
 
     num_replicas: int = Field(default=1, ge=1)
     max_ongoing_requests: int = Field(default=2048, ge=1)
@@ -201,8 +222,8 @@ class IngressConfig(_Strict):
     retry_after_s: float = Field(default=1.0, gt=0, description="Retry-After sent with 429 and 503.")
     stream_from_engines: bool = Field(
         default=True,
-        description="Stream tokens straight from an engine's own HTTP server when it has one (real vLLM) "
-        "and this ingress can reach it, instead of through the engine replica (one Ray hop less).",
+        description="Send requests straight to an engine's own HTTP server when this ingress can reach it "
+        "(every engine kind has one), instead of through the engine replica (a Ray hop per chunk).",
     )
     ray_actor_options: dict[str, Any] = Field(default_factory=lambda: {"num_cpus": 0})
 
@@ -211,14 +232,31 @@ class ClusterStateConfig(_Strict):
     """The cluster-wide state actor and how often replicas talk to it."""
 
     report_interval_s: float = Field(
-        default=0.1, gt=0, description="How often each engine replica sends its stats and KV events."
+        default=0.1, gt=0,
+        description="How often each engine replica (and each watcher of external servers) checks for new stats "
+        "and KV events; it calls the actor only when there are some, or for a heartbeat.",
+    )
+    heartbeat_s: float = Field(
+        default=1.0, gt=0, description="A replica with nothing new still reports this often (it stays a candidate)."
     )
     sync_interval_s: float = Field(
-        default=0.05, gt=0, description="How often each ingress replica refreshes its local snapshot."
+        default=0.05, gt=0, description="The least time between an ingress replica's syncs of its local snapshot."
+    )
+    sync_wait_s: float = Field(
+        default=1.0, ge=0,
+        description="How long a sync waits at the actor for something new before answering empty (a long poll): "
+        "news reaches routers at once, and an idle fleet costs one call a second per router.",
     )
     replica_timeout_s: float = Field(
         default=10.0, gt=0, description="A replica silent this long leaves the routing candidates."
     )
+
+    @model_validator(mode="after")
+    def _heartbeat_within_timeout(self) -> ClusterStateConfig:
+        if self.heartbeat_s >= self.replica_timeout_s:
+            raise ValueError(f"heartbeat_s ({self.heartbeat_s}) must be below replica_timeout_s "
+                             f"({self.replica_timeout_s}), or idle replicas would be dropped")
+        return self
     max_log_ops: int = Field(
         default=50_000, ge=100, description="Index changes kept for incremental sync; a router further behind "
         "gets a full snapshot.",
@@ -311,6 +349,25 @@ class ServeConfigFile(_Strict):
     logging_config: dict[str, Any] | None = None
     applications: list[ApplicationConfig] = Field(min_length=1)
 
+    @model_validator(mode="after")
+    def _listeners_apart(self) -> ServeConfigFile:
+        ports: dict[int, str] = {}
+        for application in self.applications:
+            listen = application.args.ingress.listen
+            if listen is None:
+                continue
+            if self.proxy_location != "Disabled" and listen.port == self.http_options.port:
+                raise ValueError(
+                    f"application {application.name!r} listens on port {listen.port}, which Serve's HTTP proxy "
+                    "(http_options.port) takes too: set `proxy_location: Disabled` (the gateway's listener is "
+                    "the fast path) or move one of them"
+                )
+            if listen.port in ports:
+                raise ValueError(f"applications {ports[listen.port]!r} and {application.name!r} both listen on port "
+                                 f"{listen.port}: give each its own ingress.listen.port")
+            ports[listen.port] = application.name
+        return self
+
 
 def describe(error: ValidationError) -> str:
     lines = []
@@ -344,51 +401,6 @@ def load_serve_config(path: str | Path) -> ServeConfigFile:
         raise ConfigError(f"{path}: invalid config:\n{describe(error)}") from None
 
 
-def direct_ingress_env(config: ServeConfigFile, port: int | None = None) -> dict[str, str]:
-    """The Ray settings that make the ingress replica also serve HTTP itself (Serve's direct ingress), on
-    `port` (default `http_options.port + 1`), with no Serve proxy in front: one hop less per request.
-
-    Serve keeps its proxy on `http_options.port` in this mode, so both addresses work. Ray hands each
-    ingress replica a port from a range; a range of exactly `port` makes the address predictable, so
-    there must be exactly one ingress replica, which also means one node.
-    """
-    if config.proxy_location == "Disabled":
-        raise ConfigError("direct ingress serves HTTP; proxy_location: Disabled turns HTTP off")
-    proxy_port = config.http_options.port
-    port = proxy_port + 1 if port is None else port
-    if port == proxy_port or not 1 <= port <= 65534:
-        raise ConfigError(f"direct ingress port {port}: pick a free port other than the Serve proxy's "
-                          f"http_options.port {proxy_port}")
-    replicas = 0
-    for application in config.applications:
-        count: int | str | None = application.args.ingress.num_replicas
-        for override in application.deployments:
-            if override.name == "ingress":
-                if override.autoscaling_config is not None or override.num_replicas == "auto":
-                    count = "autoscaled"
-                elif override.num_replicas is not None:
-                    count = override.num_replicas
-        if not isinstance(count, int):
-            raise ConfigError(f"application {application.name!r}: direct ingress needs a fixed ingress "
-                              "replica count of 1, not an autoscaled one")
-        replicas += count
-    if replicas != 1:
-        raise ConfigError(f"direct ingress binds one port in one ingress replica; this file has "
-                          f"{replicas} ingress replicas (all applications together). Use the Serve proxy "
-                          "(the default) for more.")
-    return {
-        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
-        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),  # exclusive
-        # Ray holds a released port back (150 s by default) for a load balancer to notice; with none in
-        # front, a restarted ingress replica must get its port back at once.
-        "RAY_SERVE_PORT_QUARANTINE_S": "0",
-        # And a stopping ingress replica would wait 30 s for a load balancer to deregister it before it
-        # drains, which would hold up every shutdown. In-flight requests are still drained.
-        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
-    }
-
-
 def _check(paths: list[str]) -> int:
     failed = 0
     for path in paths:
@@ -401,33 +413,12 @@ def _check(paths: list[str]) -> int:
     return 1 if failed else 0
 
 
-def _print_direct_ingress_env(path: str, port: int | None) -> int:
-    try:
-        config = load_serve_config(path)
-    except (ConfigError, OSError, ValueError) as error:
-        print(error, file=sys.stderr)
-        return 1
-    try:
-        env = direct_ingress_env(config, port)
-    except ConfigError as error:
-        print(f"{path}: {error}", file=sys.stderr)
-        return 1
-    for key, value in env.items():
-        print(f"export {key}={value}")
-    return 0
-
-
-USAGE = "usage: python -m app.config check FILE [FILE ...] | direct-ingress-env FILE [PORT]"
+USAGE = "usage: python -m app.config check FILE [FILE ...]"
 
 
 def main(argv: list[str]) -> int:
     if len(argv) >= 2 and argv[0] == "check":
         return _check(argv[1:])
-    if len(argv) in (2, 3) and argv[0] == "direct-ingress-env":
-        if len(argv) == 3 and not argv[2].isdigit():
-            print(f"PORT must be a number, not {argv[2]!r}", file=sys.stderr)
-            return 2
-        return _print_direct_ingress_env(argv[1], int(argv[2]) if len(argv) == 3 else None)
     print(USAGE, file=sys.stderr)
     return 2
 

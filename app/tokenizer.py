@@ -48,6 +48,13 @@ class PromptTokenizer:
         return self._tokenizer.get_vocab_size()
 
     @cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for (at least 1), for a cheap bound on a text's length
+        in tokens: a byte-level token of k bytes covers at most k characters."""
+        longest = max((len(token) for token in self._tokenizer.get_vocab(with_added_tokens=True)), default=1)
+        return max(1, longest)
+
+    @cached_property
     def eos_token_id(self) -> int | None:
         return self._tokenizer.token_to_id(self.eos_token) if self.eos_token else None
 

@@ -55,6 +55,23 @@ def metric_sample(metrics_text: str, name: str, **labels: str) -> float:
     return total
 
 
+def listen_on_free_port(args: dict) -> str:
+    """Give a gateway config (application args) its own listener on a free loopback port; its base URL."""
+    port = free_port()
+    args.setdefault("ingress", {})["listen"] = {"host": "127.0.0.1", "port": port}
+    return f"http://127.0.0.1:{port}"
+
+
+class BaseURL(str):
+    """A gateway's base URL on one way in (its listener, or Serve's proxy), with a second app's beside it."""
+
+    def __new__(cls, url: str, path: str, **others: str) -> "BaseURL":
+        value = super().__new__(cls, url)
+        value.path = path  # type: ignore[attr-defined]
+        value.__dict__.update(others)
+        return value
+
+
 def start_local_serve() -> int:
     """Start Ray (2 logical CPUs, no dashboard) and Serve's proxy on a free loopback port."""
     import ray

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from app.config import ConfigError, ServeConfigFile, direct_ingress_env, load_serve_config, main, parse_gateway_config
+from app.config import ConfigError, ServeConfigFile, load_serve_config, main, parse_gateway_config
 from app.deployments.builder import build_app
 
 CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
@@ -24,6 +24,9 @@ def test_local_config_is_the_laptop_default():
     model = config.applications[0].args.models[0]
     assert model.engine.kind == "simulated"
     assert model.deployment.ray_actor_options == {"num_cpus": 0}
+    # The default path: the ingress replicas' own listener on this machine's port 8000, no proxy.
+    listen = config.applications[0].args.ingress.listen
+    assert (listen.host, listen.port, config.proxy_location) == ("127.0.0.1", 8000, "Disabled")
 
 
 @pytest.mark.parametrize(
@@ -82,43 +85,23 @@ def test_check_command(capsys):
     assert main([]) == 2
 
 
-def _local_config(**ingress_overrides) -> ServeConfigFile:
+def test_the_listener_and_serves_proxy_cannot_share_a_port():
     data = yaml.safe_load(Path("configs/local.yaml").read_text())
-    data["applications"][0].update(ingress_overrides)
-    return ServeConfigFile.model_validate(data)
+    data["proxy_location"] = "EveryNode"
+    assert ServeConfigFile.model_validate(data).http_options.port == 8001  # the proxy beside the listener
+    data["http_options"]["port"] = 8000  # the listener's
+    with pytest.raises(ValueError, match="proxy_location: Disabled"):
+        ServeConfigFile.model_validate(data)
+    data["applications"][0]["args"]["ingress"]["listen"] = None  # only the proxy (and handles) then
+    assert ServeConfigFile.model_validate(data).applications[0].args.ingress.listen is None
 
 
-def test_direct_ingress_settings_pin_one_port_next_to_the_proxy(capsys):
-    env = direct_ingress_env(_local_config())
-    assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
-    # Ray's range is [min, max): exactly the one port, next to the proxy's 8000.
-    assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == (
-        "8001", "8002")
-    # A restarted ingress replica gets its port back at once; a stopping one does not linger 30 s.
-    assert env["RAY_SERVE_PORT_QUARANTINE_S"] == "0"
-    assert env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "0"
-    assert direct_ingress_env(_local_config(), 9100)["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "9100"
-
-    assert main(["direct-ingress-env", "configs/local.yaml", "9100"]) == 0
-    assert "export RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=9100" in capsys.readouterr().out.splitlines()
-
-
-def test_direct_ingress_refuses_what_it_cannot_serve(capsys):
-    with pytest.raises(ConfigError, match="other than the Serve proxy"):
-        direct_ingress_env(_local_config(), 8000)
-    with pytest.raises(ConfigError, match="2 ingress replicas"):
-        direct_ingress_env(_local_config(deployments=[{"name": "ingress", "num_replicas": 2}]))
-    with pytest.raises(ConfigError, match="not an autoscaled one"):
-        direct_ingress_env(_local_config(deployments=[
-            {"name": "ingress", "autoscaling_config": {"min_replicas": 1, "max_replicas": 2}}]))
-    disabled = _local_config()
-    disabled.proxy_location = "Disabled"
-    with pytest.raises(ConfigError, match="Disabled"):
-        direct_ingress_env(disabled)
-
-    assert main(["direct-ingress-env", "configs/local.yaml", "8000"]) == 1
-    assert "configs/local.yaml: direct ingress port 8000" in capsys.readouterr().err
-    assert main(["direct-ingress-env", "configs/local.yaml", "x"]) == 2
+def test_two_applications_need_two_listener_ports():
+    data = yaml.safe_load(Path("configs/local.yaml").read_text())
+    second = {**data["applications"][0], "name": "second", "route_prefix": "/second"}
+    data["applications"].append(second)
+    with pytest.raises(ValueError, match="both listen on port 8000"):
+        ServeConfigFile.model_validate(data)
 
 
 def _external(**engine) -> dict:

@@ -1,5 +1,6 @@
-"""The README's run commands: `serve run configs/local.yaml` starts a gateway the openai client can use,
-and `GATEWAY_DIRECT_INGRESS=1 scripts/run-local.sh` also serves it from the ingress replica itself."""
+"""The README's run commands: `serve run configs/local.yaml` and `scripts/run-local.sh` start a gateway the
+openai client can use, served by its ingress replica itself (its own listener, no proxy), and through
+Serve's HTTP proxy as well when the config turns the proxy on."""
 
 import contextlib
 import os
@@ -20,11 +21,14 @@ pytestmark = pytest.mark.serve
 ROOT = Path(__file__).parent.parent
 
 
-def _local_config_on_free_port(tmp_path: Path) -> tuple[Path, int]:
+def _local_config_on_free_port(tmp_path: Path, *, proxy_port: int | None = None) -> tuple[Path, int]:
     # The shipped config, on a free port so the test never collides with a running gateway.
     config = yaml.safe_load((ROOT / "configs" / "local.yaml").read_text())
     port = free_port()
-    config["http_options"]["port"] = port
+    config["applications"][0]["args"]["ingress"]["listen"]["port"] = port
+    if proxy_port is not None:
+        config["proxy_location"] = "EveryNode"
+        config["http_options"]["port"] = proxy_port
     path = tmp_path / "local.yaml"
     path.write_text(yaml.safe_dump(config))
     return path, port
@@ -60,21 +64,23 @@ def test_serve_run_local_config(tmp_path):
     with _running([str(serve_cli), "run", str(path)], tmp_path, {}):
         url = f"http://127.0.0.1:{port}"
         wait_until_ready(url + "/v1/models", timeout_s=180)
+        # The ingress replica itself answers: no proxy in between.
+        assert "ServeReplica:gateway:ingress" in _listener(port)
         _chat_works(url)
 
 
-def test_run_local_with_direct_ingress(tmp_path):
-    path, port = _local_config_on_free_port(tmp_path)
-    direct_port = free_port()
-    env = {"GATEWAY_DIRECT_INGRESS": "1", "GATEWAY_DIRECT_INGRESS_PORT": str(direct_port)}
-    with _running([str(ROOT / "scripts" / "run-local.sh"), str(path)], tmp_path, env):
-        direct = f"http://127.0.0.1:{direct_port}"
-        wait_until_ready(direct + "/v1/models", timeout_s=180)
-        # The ingress replica itself answers, not Serve's proxy; the proxy still serves its own port.
-        assert "ServeReplica:gateway:ingress" in _listener(direct_port)
-        assert "ProxyActor" in _listener(port)
-        _chat_works(direct)
-        _chat_works(f"http://127.0.0.1:{port}")
+def test_run_local_serves_from_the_ingress_replica_and_through_the_proxy_when_asked(tmp_path):
+    proxy_port = free_port()
+    path, port = _local_config_on_free_port(tmp_path, proxy_port=proxy_port)
+    with _running([str(ROOT / "scripts" / "run-local.sh"), str(path)], tmp_path, {}):
+        listener = f"http://127.0.0.1:{port}"
+        wait_until_ready(listener + "/v1/models", timeout_s=180)
+        wait_until_ready(f"http://127.0.0.1:{proxy_port}/v1/models", timeout_s=60)
+        # The ingress replica answers on its own port; Serve's proxy serves the other.
+        assert "ServeReplica:gateway:ingress" in _listener(port)
+        assert "ProxyActor" in _listener(proxy_port)
+        _chat_works(listener)
+        _chat_works(f"http://127.0.0.1:{proxy_port}")
 
 
 @contextlib.contextmanager

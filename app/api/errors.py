@@ -6,6 +6,7 @@ it by type (it pickles across processes).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -65,6 +66,20 @@ def _rebuild(status_code: int, message: str, kwargs: dict[str, Any]) -> APIError
 
 def bad_request(message: str, *, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
+
+
+def too_large(limit: int) -> APIError:
+    return APIError(413, f"The request body exceeds the gateway's limit of {limit} bytes.", code="request_too_large")
+
+
+def json_body(raw: bytes | bytearray) -> object:
+    """A request body as JSON, or the 400 that says why it is not."""
+    if not raw:
+        raise bad_request("the request body is empty; send a JSON object")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise bad_request(f"the request body is not valid JSON: {error}") from None
 
 
 def invalid_field(errors: Sequence[Mapping[str, Any]]) -> APIError:

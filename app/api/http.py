@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api.errors import APIError, bad_request, invalid_field
+from app.api.errors import APIError, invalid_field, json_body, too_large
 from app.api.serving import Endpoint, OpenAIServing
 
 logger = logging.getLogger(__name__)
@@ -75,18 +75,13 @@ class OpenAIHTTP:
     async def _read_json(self, request: Request) -> object:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            raise _too_large(self.max_body_bytes)
+            raise too_large(self.max_body_bytes)
         body = bytearray()
         async for piece in request.stream():
             body += piece
             if len(body) > self.max_body_bytes:
-                raise _too_large(self.max_body_bytes)
-        if not body:
-            raise bad_request("the request body is empty; send a JSON object")
-        try:
-            return json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise bad_request(f"the request body is not valid JSON: {error}") from None
+                raise too_large(self.max_body_bytes)
+        return json_body(body)
 
 
 async def _sse(first: BaseModel | None, chunks: AsyncIterator[BaseModel]) -> AsyncIterator[bytes]:
@@ -104,12 +99,6 @@ async def _sse(first: BaseModel | None, chunks: AsyncIterator[BaseModel]) -> Asy
 
 def _event(data: str) -> bytes:
     return b"data: " + data.encode() + b"\n\n"
-
-
-def _too_large(limit: int) -> APIError:
-    return APIError(
-        413, f"The request body exceeds the gateway's limit of {limit} bytes.", code="request_too_large"
-    )
 
 
 def install_error_handlers(app: FastAPI) -> None:

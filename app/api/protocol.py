@@ -39,6 +39,9 @@ class _SamplingFields(_Request):
     stop_token_ids: list[int] | None = None
     priority: int = 0
     return_token_ids: bool = Field(default=False, description="vLLM: also return the generated token ids.")
+    kv_transfer_params: dict[str, Any] | None = Field(
+        default=None, description="vLLM: the prefill/decode hand-off (the gateway sets it when it splits)."
+    )
 
     @property
     def stop_strings(self) -> list[str]:
@@ -126,7 +129,19 @@ class ChatChoice(BaseModel):
     finish_reason: str | None
 
 
-class ChatCompletionResponse(BaseModel):
+class _Response(BaseModel):
+    kv_transfer_params: dict[str, Any] | None = None
+    """vLLM: what a prefill engine returns for the decode engine to pull its KV cache."""
+
+    @model_serializer(mode="wrap")
+    def _transfer_params_when_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.kv_transfer_params is None:
+            data.pop("kv_transfer_params", None)
+        return data
+
+
+class ChatCompletionResponse(_Response):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -188,7 +203,7 @@ class CompletionChoice(BaseModel):
         return data
 
 
-class CompletionResponse(BaseModel):
+class CompletionResponse(_Response):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))

@@ -1,18 +1,23 @@
 """The cluster-wide state actor: one named actor per application.
 
-Engine replicas register (model, role, cache geometry) and stream stats and KV-event batches to it;
-ingress replicas pull versioned deltas into their local `ClusterState` copies and push the
-speculative entries they create when routing. All methods run on the actor's event loop without
-interleaving, so each is atomic.
+Engine replicas register (model, role, cache geometry) and send stats (when they change) and
+KV-event batches to it; ingress replicas pull versioned deltas into their local `ClusterState` copies
+and push the speculative entries they create when routing. Every method runs on the actor's event
+loop, and only `sync` ever awaits (the long poll), so each change is atomic.
+
+Control traffic is paid per change, not per tick: a router's sync waits at the actor (up to its
+`wait_s`) until something it has not seen happens, and carries only what changed (stats of the
+replicas that changed, membership only when it changed, index ops since its version). An idle fleet
+costs about one call a second per router and per engine (a heartbeat).
 
 The actor restarts if it dies (max_restarts=-1); it comes back empty with a new epoch, engines
 notice that their reports are refused and register again with their whole cache contents, and
 routers notice the new epoch and take a full snapshot. Routing never waits for any of this.
-It is a plain (threadless, max_concurrency 1) actor: calls are short and run one at a time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -45,11 +50,19 @@ class IndexOp:
 class SyncReply:
     epoch: str
     version: int
-    replicas: list[ReplicaInfo]
+    replicas: list[ReplicaInfo] | None
+    """Every registered replica, when the membership changed since the router's `membership`; else None."""
+    membership: int
     stats: dict[str, ReplicaStats]
+    """The stats that changed since the router's `stats_version` (all of them after a membership change)."""
+    stats_version: int
     ops: list[IndexOp] = field(default_factory=list)
     full_index: dict[str, list[int]] | None = None
     """Set instead of `ops` when the router is new, behind the log, or from an older epoch."""
+
+
+Report = tuple[str, ReplicaStats | None, list[bytes]]
+"""One replica's report: its id, its stats if they changed since its last report, its KV-event batches."""
 
 
 def actor_name(app_name: str) -> str:
@@ -65,12 +78,17 @@ class ClusterStateActor:
         self._version = 0
         self._last_seen: dict[str, float] = {}
         self._decode_errors = 0
+        self._stats_version = 0
+        self._stats_changed: dict[str, int] = {}
+        self._news: asyncio.Future[None] | None = None
+        """Resolved (and replaced) whenever anything a router could sync changes."""
 
     # -- engines -------------------------------------------------------------------------------
 
     def register(self, info: ReplicaInfo, cached_block_hashes: list[int] | None = None) -> str:
         self.state.register(info)
         self._last_seen[info.replica_id] = time.monotonic()
+        self._notify()
         if cached_block_hashes is not None:
             # A (re-)registration carries the whole cache: start this replica's entries afresh.
             self.state.index.clear(info.replica_id)
@@ -81,13 +99,17 @@ class ClusterStateActor:
         logger.info("replica %s registered for model %s (%s)", info.replica_id, info.model, info.role)
         return self.epoch
 
-    def report(self, replica_id: str, stats: ReplicaStats, kv_event_batches: list[bytes]) -> bool:
-        """Stats and KV events from a replica; False means "unknown, register again"."""
+    def report(self, replica_id: str, stats: ReplicaStats | None, kv_event_batches: list[bytes]) -> bool:
+        """Stats (None: unchanged) and KV events from a replica; False means "unknown, register again"."""
         if replica_id not in self.state.replicas:
             return False
         now = time.monotonic()
         self._last_seen[replica_id] = now
-        self.state.update_stats(replica_id, stats, now)
+        if stats is not None:
+            self.state.update_stats(replica_id, stats, now)
+            self._stats_version += 1
+            self._stats_changed[replica_id] = self._stats_version
+            self._notify()
         for payload in kv_event_batches:
             try:
                 batch = decode_batch(payload)
@@ -105,16 +127,20 @@ class ClusterStateActor:
                     self._append(IndexOp("clear", replica_id))
         return True
 
+    def report_many(self, reports: list[Report]) -> list[bool]:
+        """Several replicas' reports in one call (a watcher of external servers sends all of its)."""
+        return [self.report(replica_id, stats, batches) for replica_id, stats, batches in reports]
+
     def unregister(self, replica_id: str) -> None:
         self.state.unregister(replica_id)
         self._last_seen.pop(replica_id, None)
+        self._stats_changed.pop(replica_id, None)
+        self._notify()
 
     # -- routers -------------------------------------------------------------------------------
 
-    def sync(
-        self, router_id: str, epoch: str, version: int, speculated: list[tuple[str, list[int]]]
-    ) -> SyncReply:
-        self._expire_silent_replicas()
+    def speculate(self, router_id: str, speculated: list[tuple[str, list[int]]]) -> None:
+        """A router's routing-time guesses: shared with the other routers through the log."""
         for replica_id, hashes in speculated:
             replica = self.state.replicas.get(replica_id)
             if replica is not None:
@@ -123,11 +149,29 @@ class ClusterStateActor:
                     # For a server without events the routers' guesses are all anyone will ever know of
                     # its cache: they belong in the snapshot a new (or lagging) router starts from.
                     self.state.index.add(replica_id, hashes)
+
+    async def sync(
+        self, router_id: str, epoch: str, version: int, membership: int = -1, stats_version: int = -1,
+        wait_s: float = 0.0,
+    ) -> SyncReply:
+        """What the router has not seen. With `wait_s`, wait up to that long for something new first."""
+        self._expire_silent_replicas()
+        if wait_s > 0 and not self._news_for(router_id, epoch, version, membership, stats_version):
+            news = self._news_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(news), wait_s)
+            except TimeoutError:
+                pass
+            self._expire_silent_replicas()
+        fresh = epoch != self.epoch or membership != self.state.membership_version
         reply = SyncReply(
             epoch=self.epoch,
             version=self._version,
-            replicas=[s.info for s in self.state.replicas.values()],
-            stats={rid: s.stats for rid, s in self.state.replicas.items()},
+            replicas=[s.info for s in self.state.replicas.values()] if fresh else None,
+            membership=self.state.membership_version,
+            stats={rid: self.state.replicas[rid].stats for rid, v in self._stats_changed.items()
+                   if (fresh or v > stats_version) and rid in self.state.replicas},
+            stats_version=self._stats_version,
         )
         oldest = self._log[0][0] if self._log else self._version + 1
         if epoch != self.epoch or version + 1 < oldest:
@@ -137,6 +181,30 @@ class ClusterStateActor:
             op for v, op in self._log if v > version and not (op.kind == "speculate" and op.origin == router_id)
         ]
         return reply
+
+    def _news_for(self, router_id: str, epoch: str, version: int, membership: int, stats_version: int) -> bool:
+        if epoch != self.epoch or membership != self.state.membership_version or stats_version < self._stats_version:
+            return True
+        for v, op in reversed(self._log):
+            if v <= version:
+                break
+            if not (op.kind == "speculate" and op.origin == router_id):
+                return True
+        return False
+
+    def _news_future(self) -> asyncio.Future[None]:
+        if self._news is None or self._news.done():
+            self._news = asyncio.get_running_loop().create_future()
+        return self._news
+
+    def _notify(self) -> None:
+        if self._news is not None and not self._news.done():
+            self._news.set_result(None)
+
+    def match(self, block_hashes: list[int]) -> dict[str, int]:
+        """Leading blocks of a prompt each replica holds, as the engines' KV events say (for operators
+        checking that the gateway's keys are the engines' own, and for tests)."""
+        return self.state.index.match(block_hashes)
 
     def describe(self) -> dict[str, Any]:
         """For operators and tests: what the actor knows."""
@@ -162,6 +230,7 @@ class ClusterStateActor:
     def _append(self, op: IndexOp) -> None:
         self._version += 1
         self._log.append((self._version, op))
+        self._notify()
 
     def _expire_silent_replicas(self) -> None:
         deadline = time.monotonic() - self.replica_timeout_s

@@ -1,12 +1,14 @@
 """Background links to the state actor: engines report to it, ingress replicas sync from it.
 
 Both loops survive the actor dying: a failed call is logged (once per outage), the handle is looked
-up again by name, and the loop carries on. Nothing on a request's path awaits these loops.
+up again by name, and the loop carries on. Nothing on a request's path awaits these loops. Both
+send only what changed (see app/deployments/cluster_state.py), so an idle fleet costs next to nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -14,7 +16,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from app.config import ClusterStateConfig
-from app.deployments.cluster_state import SyncReply, get_or_create_state_actor
+from app.deployments.cluster_state import Report, SyncReply, get_or_create_state_actor
 from app.router.state import ClusterState, ReplicaInfo, ReplicaStats
 
 logger = logging.getLogger(__name__)
@@ -59,7 +61,9 @@ class KVEventSource(Protocol):
 
 
 class EngineReporter:
-    """Registers an engine replica and streams its stats and KV events to the actor."""
+    """Registers an engine replica and keeps the actor current: stats when they change, KV events as they
+    come, and a heartbeat every `heartbeat_s` otherwise (a replica silent for `replica_timeout_s` is
+    dropped from the candidates)."""
 
     def __init__(self, app_name: str, info: ReplicaInfo, engine: KVEventSource, stats: Callable[[], ReplicaStats],
                  config: ClusterStateConfig) -> None:
@@ -69,6 +73,8 @@ class EngineReporter:
         self._config = config
         self._link = _ActorLink(app_name, config, f"engine replica {info.replica_id}")
         self._registered = False
+        self._sent: tuple[Any, ...] | None = None
+        self._sent_at = float("-inf")
 
     async def run(self) -> None:
         while True:
@@ -82,11 +88,14 @@ class EngineReporter:
         except asyncio.CancelledError:
             raise
         except Exception as error:  # the actor is restarting or gone: keep serving, retry
-            self._registered = False
-            self._link.failed(error)
+            self.failed(error)
             return False
         self._link.succeeded()
         return True
+
+    def failed(self, error: BaseException) -> None:
+        self._registered = False
+        self._link.failed(error)
 
     def reregister(self, info: ReplicaInfo | None = None) -> None:
         """Register again on the next report, with the cache contents then (a restarted engine: empty)."""
@@ -98,16 +107,34 @@ class EngineReporter:
     def registered(self) -> bool:
         return self._registered
 
-    async def report_once(self) -> None:
-        actor = self._link.actor()
+    async def ensure_registered(self) -> None:
         if not self._registered:
             # The full cache contents replace whatever the actor had for us; events up to now are in it.
             self._engine.take_kv_events()
-            await actor.register.remote(self.info, self._engine.cached_block_hashes())
+            await self._link.actor().register.remote(self.info, self._engine.cached_block_hashes())
             self._registered = True
-        accepted = await actor.report.remote(self.info.replica_id, self._stats(), self._engine.take_kv_events())
+            self._sent = None  # the actor has no stats from this registration yet
+
+    def pending(self, now: float) -> Report | None:
+        """What to tell the actor now, or None when nothing changed and no heartbeat is due."""
+        stats = self._stats()
+        signature = stats.signature()
+        events = self._engine.take_kv_events()
+        changed = signature != self._sent
+        if not (changed or events or now - self._sent_at >= self._config.heartbeat_s):
+            return None
+        self._sent, self._sent_at = signature, now
+        return (self.info.replica_id, stats if changed else None, events)
+
+    def accepted(self, accepted: bool) -> None:
         if not accepted:
             self._registered = False  # the actor restarted and forgot us: register again next round
+
+    async def report_once(self) -> None:
+        await self.ensure_registered()
+        report = self.pending(time.monotonic())
+        if report is not None:
+            self.accepted(await self._link.actor().report.remote(*report))
 
     async def unregister(self) -> None:
         try:
@@ -116,8 +143,39 @@ class EngineReporter:
             pass
 
 
+class BatchReporter:
+    """Reports for many replicas in one actor call per round (a watcher's external servers)."""
+
+    def __init__(self, app_name: str, config: ClusterStateConfig, what: str) -> None:
+        self._link = _ActorLink(app_name, config, what)
+
+    async def report(self, reporters: list[EngineReporter]) -> None:
+        try:
+            for reporter in reporters:
+                await reporter.ensure_registered()
+            now = time.monotonic()
+            batch = [(reporter, report) for reporter in reporters
+                     if (report := reporter.pending(now)) is not None]
+            if batch:
+                results = await self._link.actor().report_many.remote([report for _, report in batch])
+                for (reporter, _), accepted in zip(batch, results, strict=True):
+                    reporter.accepted(accepted)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # the actor is restarting or gone: register again when it is back
+            for reporter in reporters:
+                reporter.failed(error)
+            self._link.failed(error)
+            return
+        self._link.succeeded()
+
+
 class RouterStateSync:
-    """Keeps an ingress replica's ClusterState copy current and shares its speculative entries."""
+    """Keeps an ingress replica's ClusterState copy current and shares its speculative entries.
+
+    Each sync is a long poll: the actor answers when something new happened, or after `sync_wait_s`;
+    the next one starts `sync_interval_s` later. Speculative entries go out on their own, in batches.
+    """
 
     def __init__(self, app_name: str, state: ClusterState, config: ClusterStateConfig) -> None:
         self.state = state
@@ -126,17 +184,39 @@ class RouterStateSync:
         self._link = _ActorLink(app_name, config, f"router {self.router_id}")
         self._epoch = ""
         self._version = 0
+        self._membership = -1
+        self._stats_version = -1
         self._speculated: list[tuple[str, list[int]]] = []
+        self._pushing: asyncio.Task[None] | None = None
         self.on_synced: Callable[[], None] | None = None
 
     def speculated(self, replica_id: str, block_hashes: list[int]) -> None:
-        if block_hashes:
-            self._speculated.append((replica_id, block_hashes))
+        if not block_hashes:
+            return
+        self._speculated.append((replica_id, block_hashes))
+        if self._pushing is None or self._pushing.done():
+            with contextlib.suppress(RuntimeError):  # no running loop (tests): the next sync pushes them
+                self._pushing = asyncio.get_running_loop().create_task(self._push_later())
+
+    async def _push_later(self) -> None:
+        await asyncio.sleep(self._config.sync_interval_s)  # a batch of guesses per interval, not one call each
+        with contextlib.suppress(Exception):  # the actor is away: the next sync retries them
+            await self.push()
+
+    async def push(self) -> None:
+        speculated, self._speculated = self._speculated, []
+        if not speculated:
+            return
+        try:
+            await self._link.actor().speculate.remote(self.router_id, speculated)
+        except Exception:
+            self._speculated = speculated + self._speculated  # not delivered: send with the next one
+            raise
 
     async def run(self) -> None:
         while True:
             try:
-                await self.sync_once()
+                await self.sync_once(wait_s=self._config.sync_wait_s)
                 self._link.succeeded()
             except asyncio.CancelledError:
                 raise
@@ -144,24 +224,21 @@ class RouterStateSync:
                 self._link.failed(error)
             await asyncio.sleep(self._config.sync_interval_s)
 
-    async def sync_once(self) -> None:
-        speculated, self._speculated = self._speculated, []
-        try:
-            reply: SyncReply = await self._link.actor().sync.remote(
-                self.router_id, self._epoch, self._version, speculated
-            )
-        except Exception:
-            self._speculated = speculated + self._speculated  # not delivered: send with the next sync
-            raise
+    async def sync_once(self, wait_s: float = 0.0) -> None:
+        await self.push()
+        reply: SyncReply = await self._link.actor().sync.remote(
+            self.router_id, self._epoch, self._version, self._membership, self._stats_version, wait_s
+        )
         self.apply(reply, time.monotonic())
         if self.on_synced is not None:
             self.on_synced()
 
     def apply(self, reply: SyncReply, now: float) -> None:
         state = self.state
-        state.retain(info.replica_id for info in reply.replicas)
-        for info in reply.replicas:
-            state.register(info)
+        if reply.replicas is not None:
+            state.retain(info.replica_id for info in reply.replicas)
+            for info in reply.replicas:
+                state.register(info)
         for replica_id, stats in reply.stats.items():
             state.update_stats(replica_id, stats, now)
         if reply.full_index is not None:
@@ -179,4 +256,5 @@ class RouterStateSync:
             elif op.kind == "speculate":
                 state.note_routed(op.replica_id, op.hashes, now)
         self._epoch, self._version = reply.epoch, reply.version
+        self._membership, self._stats_version = reply.membership, reply.stats_version
         state.synced_at = now

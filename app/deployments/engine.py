@@ -1,9 +1,10 @@
-"""The engine deployment: one engine per replica, reached through Serve handles.
+"""The engine deployment: one engine per replica, with its OpenAI server, registered with the router.
 
-Outputs stream back as the engine produces them; the engine already merges whatever the reader has
-not collected, so a busy stream sends fewer, larger messages instead of one Ray message per token.
-Each replica registers with the application's cluster-state actor and streams its stats and KV
-events there in the background.
+Every engine replica has an OpenAI HTTP server: real vLLM's own, or (simulated engines) the project's
+simulated server run inside the replica. Ingresses send requests straight to it and relay its answers
+as bytes; an ingress that cannot reach it (a loopback server on another node) goes through `relay`,
+which forwards the same call over the Serve handle. Each replica registers with the application's
+cluster-state actor and streams its stats and KV events there in the background.
 """
 
 from __future__ import annotations
@@ -13,17 +14,32 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 from ray import serve
 
+from app.api.listener import HTTPListener
 from app.config import ClusterStateConfig, ModelConfig
 from app.deployments.cluster_sync import EngineReporter
 from app.engines.factory import create_engine
 from app.engines.protocol import EngineOutput, EngineRequest, EngineStats, EngineUnavailableError
+from app.engines.simulated.config import SimulatedEngineConfig
+from app.gateway.relay import ForwardedCall
 from app.router.state import ReplicaInfo, ReplicaRole, ReplicaStats
 from app.tokenizer import PromptTokenizer
+from app.upstream import UpstreamError, UpstreamPool
+
+_ANY_ADDRESS = ("0.0.0.0", "::")
+
+
+@dataclass(frozen=True)
+class RelayHead:
+    """The first item `EngineServer.relay` yields: the server's status, and who answered."""
+
+    status: int
+    replica_id: str
 
 serve_logger = logging.getLogger("ray.serve")  # Serve's logger reaches the replica log and the console
 
@@ -54,6 +70,11 @@ class EngineServer:
         await self.engine.start()
         serve_logger.info("engine %s ready in %.1fs (model %s, role %s)", self.engine.engine_id,
                           time.monotonic() - started, config.name, role)
+        self._pool = UpstreamPool()
+        self._http: HTTPListener | None = None
+        self.endpoint_url: str | None = getattr(self.engine, "endpoint_url", None)
+        if self.endpoint_url is None and isinstance(engine_config, SimulatedEngineConfig) and engine_config.server_host:
+            self.endpoint_url = await self._serve_http(config, engine_config, engine_config.server_host)
         cache = self.engine.cache_config
         info = ReplicaInfo(
             replica_id=self.replica_id,
@@ -66,7 +87,7 @@ class EngineServer:
             hash_algo=cache.prefix_caching_hash_algo,
             hash_seed=cache.hash_seed,
             kv_events=True,
-            endpoint_url=getattr(self.engine, "endpoint_url", None),
+            endpoint_url=self.endpoint_url,
             node_id=ray.get_runtime_context().get_node_id(),
         )
         self.reporter = EngineReporter(
@@ -77,6 +98,17 @@ class EngineServer:
             ClusterStateConfig.model_validate(cluster_state or {}),
         )
         self._ensure_reporting()
+
+    async def _serve_http(self, config: ModelConfig, engine_config: SimulatedEngineConfig, host: str) -> str:
+        """Serve the simulated engine's OpenAI API from this replica, as a vLLM replica's server does."""
+        from app.engines.simulated.server import create_app  # FastAPI: only replicas that serve need it
+
+        app = create_app(engine_config, model=config.name, max_model_len=config.max_model_len,
+                         engine=self.engine)  # type: ignore[arg-type]
+        self._http = HTTPListener(app, host, 0, name="engine server")
+        await self._http.start()
+        public = ray.util.get_node_ip_address() if host in _ANY_ADDRESS else host
+        return f"http://[{public}]:{self._http.port}" if ":" in public else f"http://{public}:{self._http.port}"
 
     def _ensure_reporting(self) -> None:
         if self._reporter_task is None or self._reporter_task.done():
@@ -101,6 +133,25 @@ class EngineServer:
             error.replica_id = self.replica_id  # type: ignore[attr-defined]  # the caller retries elsewhere
             raise
 
+    async def relay(self, request: EngineRequest, call: ForwardedCall) -> AsyncIterator[Any]:
+        """A forwarded call answered by this replica's server, for an ingress that cannot reach the server
+        itself: first a RelayHead, then the answer's body as it arrives, unparsed."""
+        self._ensure_reporting()
+        if self.endpoint_url is None:
+            raise EngineUnavailableError(f"engine replica {self.replica_id} has no server (server_host: null)")
+        try:
+            response = await self._pool.request(self.endpoint_url, call.path, call.payload())
+        except UpstreamError as error:
+            raise EngineUnavailableError(f"engine replica {self.replica_id}: its server failed: {error}") from None
+        try:
+            yield RelayHead(response.status, self.replica_id)
+            async for piece in response.pieces():
+                yield piece
+        except UpstreamError as error:
+            raise EngineUnavailableError(f"engine replica {self.replica_id}: its server failed: {error}") from None
+        finally:
+            response.close()  # the caller went away early: the engine aborts the request
+
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(request_id)
 
@@ -108,8 +159,8 @@ class EngineServer:
         return self.engine.stats()
 
     def engine_url(self) -> str | None:
-        """The engine's own OpenAI server (real vLLM engines), as the ingress reaches it."""
-        return getattr(self.engine, "endpoint_url", None)
+        """The engine's own OpenAI server, as ingresses reach it."""
+        return self.endpoint_url
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Published to Serve request routers (replica.routing_stats)."""
@@ -124,4 +175,6 @@ class EngineServer:
         if self._reporter_task is not None:
             self._reporter_task.cancel()
             await self.reporter.unregister()
+        if getattr(self, "_http", None) is not None:
+            await self._http.stop()
         await self.engine.shutdown()

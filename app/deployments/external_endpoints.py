@@ -3,8 +3,9 @@
 One small deployment per externally served model (`endpoints-<model>`, one replica). For each
 server it reads /metrics on a short interval (load, health, restarts), subscribes to the server's
 KV events when it publishes them, and registers and reports the server to the cluster-state actor
-exactly as an engine replica reports itself. Ingress replicas then rank the servers with the same
-scheduler as Ray-managed engines and stream from them directly; no request passes through here.
+as an engine replica reports itself; one loop scrapes every server and sends what changed for all
+of them in one actor call per round. Ingress replicas then rank the servers with the same scheduler
+as Ray-managed engines and stream from them directly; no request passes through here.
 
 - A server that stops answering for `down_after_s` is unregistered: it leaves the candidate set.
 - When it answers again it is registered afresh with an empty cache, because it may have restarted;
@@ -14,22 +15,21 @@ scheduler as Ray-managed engines and stream from them directly; no request passe
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import ray
 from ray import serve
 
 from app.config import ClusterStateConfig, ModelConfig
-from app.deployments.cluster_sync import EngineReporter
+from app.deployments.cluster_sync import BatchReporter, EngineReporter
 from app.engines.external.config import ExternalEndpoint, ExternalEngineConfig
 from app.engines.external.kubernetes import KubernetesPodDiscovery
 from app.engines.external.monitor import EndpointMonitor
 from app.engines.vllm.kv_events import KVEventSubscriber
 from app.router.state import ReplicaInfo, ReplicaStats
+from app.upstream import UpstreamPool
 
 logger = logging.getLogger("ray.serve")
 
@@ -75,7 +75,7 @@ class WatchedEndpoint:
         *,
         app_name: str,
         model: str,
-        http: httpx.AsyncClient,
+        http: UpstreamPool,
         cluster_state: ClusterStateConfig,
         node_id: str | None,
         use_kv_events: bool = True,
@@ -98,7 +98,8 @@ class WatchedEndpoint:
         self._seen_publisher_restarts = 0
         self._warned_geometry = False
         self._logged_down = False
-        self._task: asyncio.Task[None] | None = None
+        self.crash: BaseException | None = None
+        """The error that broke this server's watch (a bug): the watcher reports itself unhealthy."""
 
     def _info(self) -> ReplicaInfo:
         stats = self.monitor.stats
@@ -125,16 +126,10 @@ class WatchedEndpoint:
     def start(self) -> None:
         if self.events is not None:
             self.events.start()
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
-        while True:
-            await self.step()
-            await asyncio.sleep(self._engine.scrape_interval_s)
 
     async def step(self) -> None:
-        """One scrape, then register, report or unregister as the server's state says."""
+        """One scrape, then register again or unregister as the server's state says (the watcher's
+        loop sends the reports of every server together)."""
         result = await self.monitor.poll()
         if not self.monitor.healthy:
             if not result.ok and not self._logged_down:
@@ -159,7 +154,11 @@ class WatchedEndpoint:
             self.reporter.reregister(self._info())
         elif not self.reporter.registered:
             self.reporter.reregister(self._info())  # first contact, or back from the candidates' edge
-        await self.reporter.report_safely()
+
+    @property
+    def reporting(self) -> bool:
+        """Whether this server is a routing candidate the actor should hear about."""
+        return self.monitor.healthy and self.crash is None
 
     def _check_geometry(self) -> None:
         stats = self.monitor.stats
@@ -195,18 +194,7 @@ class WatchedEndpoint:
             missed_event_batches=self.events.missed_batches if self.events is not None else 0,
         )
 
-    def crashed(self) -> BaseException | None:
-        """The error that stopped this server's watch loop (a bug), if it stopped."""
-        task = self._task
-        if task is None or not task.done() or task.cancelled():
-            return None
-        return task.exception()
-
     async def close(self, *, unregister: bool = True) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
         if self.events is not None:
             await self.events.close()
         if unregister:
@@ -232,7 +220,9 @@ class EndpointWatcher:
         self._app_name = context.app_name if context else ""
         self._cluster_state = ClusterStateConfig.model_validate(cluster_state or {})
         self._node_id = ray.get_runtime_context().get_node_id()
-        self._http = httpx.AsyncClient(limits=httpx.Limits(max_connections=64))
+        self._http = UpstreamPool(connect_timeout_s=max(self._engine.scrape_interval_s * 5, 1.0))
+        self._reports = BatchReporter(self._app_name, self._cluster_state, f"watcher of model {self._model}")
+        self._loop_task: asyncio.Task[None] | None = None
         self._discovery: KubernetesPodDiscovery | None = None
         self._discovery_task: asyncio.Task[None] | None = None
         if self._engine.kubernetes is not None:
@@ -255,6 +245,25 @@ class EndpointWatcher:
                                self._discovery.last_error)
         else:
             await self.set_endpoints(self._engine.endpoints)
+        self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        """Scrape every server, then tell the actor what changed, all of them in one call."""
+        while True:
+            await asyncio.sleep(self._engine.scrape_interval_s)
+            watched = list(self.endpoints.values())
+            await self._step(watched)
+            await self._reports.report([w.reporter for w in watched if w.reporting and w.url in self.endpoints])
+
+    @staticmethod
+    async def _step(watched: list[WatchedEndpoint]) -> None:
+        results = await asyncio.gather(*(w.step() for w in watched if w.crash is None), return_exceptions=True)
+        for w, result in zip([w for w in watched if w.crash is None], results, strict=True):
+            if isinstance(result, BaseException):
+                if isinstance(result, asyncio.CancelledError):
+                    raise result
+                w.crash = result
+                logger.error("the watch of endpoint %s stopped: %r", w.url, result)
 
     async def set_endpoints(self, endpoints: list[ExternalEndpoint]) -> None:
         """Watch exactly these servers: new ones are scraped once before they are registered."""
@@ -268,8 +277,9 @@ class EndpointWatcher:
                             use_kv_events=self._use_kv_events)
             for url, endpoint in wanted.items() if url not in self.endpoints
         ]
-        # The first scrape happens before this returns, so a gateway that reports ready can route.
-        await asyncio.gather(*(watched.step() for watched in added))
+        # The first scrape and report happen before this returns, so a gateway that reports ready can route.
+        await self._step(added)
+        await self._reports.report([watched.reporter for watched in added if watched.reporting])
         for watched in added:
             logger.info("endpoint %s (model %s) added: %s", watched.url, self._model,
                         "answering" if watched.monitor.healthy else f"not answering ({watched.monitor.last_error})")
@@ -291,16 +301,19 @@ class EndpointWatcher:
         task = self._discovery_task
         if task is not None and task.done() and not task.cancelled():
             raise RuntimeError(f"Kubernetes discovery stopped: {task.exception()!r}")
+        loop = self._loop_task
+        if loop is not None and loop.done() and not loop.cancelled():
+            raise RuntimeError(f"the watch loop stopped: {loop.exception()!r}")
         for watched in self.endpoints.values():
-            error = watched.crashed()
-            if error is not None:
-                raise RuntimeError(f"the watch of endpoint {watched.url} stopped: {error!r}")
+            if watched.crash is not None:
+                raise RuntimeError(f"the watch of endpoint {watched.url} stopped: {watched.crash!r}")
 
     async def __del__(self) -> None:
-        task = getattr(self, "_discovery_task", None)
-        if task is not None:
-            task.cancel()
+        for name in ("_discovery_task", "_loop_task"):
+            task = getattr(self, name, None)
+            if task is not None:
+                task.cancel()
         for watched in list(self.endpoints.values()):
             await watched.close()
         if hasattr(self, "_http"):  # not when __init__ failed before making it
-            await self._http.aclose()
+            self._http.close()

@@ -1,4 +1,7 @@
-"""The OpenAI ingress deployment: HTTP routes for clients, and handle methods for Python batch jobs.
+"""The OpenAI ingress deployment: the gateway's HTTP face, and handle methods for Python batch jobs.
+
+Clients reach it on its own listener (`ingress.listen`, the default path: no proxy hop) or through
+Serve's HTTP proxy; both run the same ASGI app. Python batch jobs on the cluster call it directly:
 
     handle = serve.get_app_handle("gateway")
     reply = handle.chat.remote({"model": "sim-llama", "messages": [...]}).result()
@@ -7,7 +10,8 @@
 Handle methods take and return OpenAI-shaped dicts and raise app.api.errors.APIError on bad input.
 """
 
-# No `from __future__ import annotations`: Serve rebuilds route signatures and needs real types.
+from __future__ import annotations
+
 import asyncio
 import contextlib
 import logging
@@ -15,31 +19,31 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import ray
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from app.api.http import OpenAIHTTP, install_error_handlers
+from app.api.asgi import GatewayASGI
+from app.api.gateway_serving import GatewayServing, RelayClient
+from app.api.listener import HTTPListener
 from app.api.metrics import GatewayMetrics
-from app.api.serving import Endpoint, EngineClient, OpenAIServing, ServedModel
+from app.api.prepare import Endpoint, ServedModel
 from app.config import GatewayConfig, ModelConfig
 from app.deployments.cluster_sync import RouterStateSync
-from app.deployments.direct_stream import DirectStreamEngineClient, engine_streams_counter, new_http_client
-from app.deployments.disaggregation import DisaggregatedEngineClient, DisaggregationMetrics
-from app.deployments.engine_client import ServeEngineClient
-from app.deployments.external_client import ExternalEngineClient
-from app.deployments.routing import RoutedEngineClient, RouterMetrics
+from app.deployments.serve_transport import ServeRoutedClient, ServeTransport
 from app.engines.external.config import ExternalEngineConfig
+from app.gateway.metrics import DisaggregationMetrics, RouterMetrics, engine_streams_counter
+from app.gateway.routed import HTTPTransport, RoutedClient, Transport, reachable_from
+from app.gateway.split import SplitClient
 from app.router.hashing import get_hasher
 from app.router.scheduler import Scheduler
-from app.router.state import ClusterState, ReplicaRole
+from app.router.state import ClusterState, ReplicaRole, ReplicaState
 from app.router.text_keys import ApproximateBlockKeys
 from app.tokenizer import PromptTokenizer
+from app.upstream import UpstreamPool
 
 logger = logging.getLogger("ray.serve")
+
 
 def _load_tokenizer(model: ModelConfig) -> PromptTokenizer | None:
     folder = model.tokenizer_dir
@@ -59,14 +63,10 @@ def _text_keys(model: ModelConfig) -> ApproximateBlockKeys:
     return keys
 
 
-gateway_api = FastAPI(title="LLM gateway", description="OpenAI-compatible API over Ray Serve")
-install_error_handlers(gateway_api)
-
-
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=2048)
-@serve.ingress(gateway_api)
+@serve.ingress()
 class OpenAIIngress:
-    def __init__(self, config: dict[str, Any], engines: dict[str, dict[str, DeploymentHandle]]) -> None:
+    async def __init__(self, config: dict[str, Any], engines: dict[str, dict[str, DeploymentHandle]]) -> None:
         gateway = GatewayConfig.model_validate(config)
         limits = gateway.ingress
         context = serve.get_replica_context()
@@ -81,24 +81,24 @@ class OpenAIIngress:
         # Ray's PrefixCacheAffinityRouter and Serve's power-of-two pick inside the handle on their own.
         self.ranks_requests = gateway.routing.policy in ("prefix_aware", "round_robin")
         self.sync = RouterStateSync(context.app_name if context else "", self.cluster, gateway.cluster_state)
-        self.sync.on_synced = self._publish_replica_load
         self._sync_task: asyncio.Task[None] | None = None
         self._stream_from_engines = limits.stream_from_engines
         self._node_id = ray.get_runtime_context().get_node_id()
-        self._http = new_http_client()
-        self._external_clients: dict[float, httpx.AsyncClient] = {}
+        self._pools: dict[float, UpstreamPool] = {}
         tokenizers = {model.name: _load_tokenizer(model) for model in gateway.models}
         models = [
             ServedModel(
                 name=model.name,
                 tokenizer=tokenizers[model.name],
-                engine=self._engine_client(model, engines[model.name], limits.retry_after_s, tokenizers[model.name]),
+                engine=self._client(model, engines[model.name]),
                 max_model_len=model.max_model_len,
                 block_size=model.engine.block_size,
                 hasher=get_hasher(model.engine.hash_algo, model.engine.hash_seed),
                 aliases=tuple(model.aliases),
                 include_prompt_text=gateway.routing.policy == "ray_prefix_cache_affinity",
                 text_keys=_text_keys(model) if tokenizers[model.name] is None else None,
+                engine_model_name=(model.engine.served_model_name
+                                   if isinstance(model.engine, ExternalEngineConfig) else None),
             )
             for model in gateway.models
         ]
@@ -106,86 +106,100 @@ class OpenAIIngress:
             self.router_metrics.prefix_keys.labels(
                 served.name, "approximate" if served.approximate_keys else "exact"
             ).set(1)
-        self.serving = OpenAIServing(
+        self.serving = GatewayServing(
             models,
             metrics=self.metrics,
             max_inflight_requests=limits.max_inflight_requests,
             retry_after_s=limits.retry_after_s,
         )
-        self.http = OpenAIHTTP(self.serving, max_body_bytes=limits.max_body_bytes)
-        with contextlib.suppress(RuntimeError):  # no running loop: the first request starts it
-            self._ensure_syncing()
+        self.asgi = GatewayASGI(self.serving, max_body_bytes=limits.max_body_bytes, metrics=self._metrics_page)
+        self._ensure_syncing()
+        self.listener: HTTPListener | None = None
+        if limits.listen is not None:
+            # Last: the replica takes connections only once it can serve them.
+            listen = limits.listen
+            self.listener = HTTPListener(self.asgi, listen.host, listen.port,
+                                         share_with=f"gateway application {context.app_name if context else ''!r}",
+                                         keep_alive_s=listen.keep_alive_s, name="gateway listener")
+            await self.listener.start()
+            logger.info("gateway listening on http://%s:%d", listen.host, listen.port)
 
-    def _engine_client(
-        self,
-        model: ModelConfig,
-        handles: dict[str, DeploymentHandle],
-        retry_after_s: float,
-        tokenizer: PromptTokenizer | None,
-    ) -> EngineClient:
-        clients: dict[str, EngineClient] = {}
+    def __serve_build_asgi_app__(self) -> GatewayASGI:
+        """What Serve's HTTP proxy sends requests to: the same app as the gateway's own listener."""
+        return self.asgi
+
+    # -- engine clients ------------------------------------------------------------------------
+
+    def _pool(self, connect_timeout_s: float) -> UpstreamPool:
+        pool = self._pools.get(connect_timeout_s)
+        if pool is None:
+            pool = self._pools[connect_timeout_s] = UpstreamPool(connect_timeout_s=connect_timeout_s)
+        return pool
+
+    def _routed(
+        self, model: ModelConfig, roles: tuple[ReplicaRole, ...], transports: dict[str, Transport],
+        http: Transport | None, *, max_attempts: int, avoid_failed_for_s: float = 3.0,
+    ) -> RoutedClient:
+        # Engines the gateway runs take what their deployment says one replica takes; the queue beyond
+        # it is the gateway's, bounded like Serve's own handle queue.
+        if isinstance(model.engine, ExternalEngineConfig):
+            max_ongoing = {"mixed": model.engine.max_ongoing_requests}
+            max_queued = model.engine.max_queued_requests
+        else:
+            groups = {role: model.group(role) for role in roles if role in model.roles}
+            max_ongoing = {role: group.max_ongoing_requests for role, group in groups.items()}
+            queued = [group.max_queued_requests for group in groups.values()]
+            max_queued = None if not queued or -1 in queued else max(queued)
+        node_id = self._node_id
+
+        def transport_for(replica: ReplicaState) -> Transport | None:
+            if http is not None and reachable_from(replica, node_id):
+                return http
+            return transports.get(replica.info.role)
+
+        fallback = next((transports[role] for role in roles if role in transports), None)
+        return RoutedClient(
+            model=model.name, block_size=model.engine.block_size, scheduler=self.scheduler,
+            transport_for=transport_for, fallback=fallback, roles=roles, max_attempts=max_attempts,
+            avoid_failed_for_s=avoid_failed_for_s, metrics=self.router_metrics, streams=self.engine_streams,
+            speculate=self.sync.speculated, on_request=self._ensure_syncing,
+            max_ongoing=max_ongoing, max_queued=max_queued,
+        )
+
+    def _client(self, model: ModelConfig, handles: dict[str, DeploymentHandle]) -> RelayClient:
         if isinstance(model.engine, ExternalEngineConfig):
             # Servers the gateway does not run: always ranked by its own scheduler, called directly.
             external = model.engine
-            clients["mixed"] = ExternalEngineClient(
-                self.cluster, self._external_http(external.connect_timeout_s), model=model.name,
-                served_model_name=external.served_model_name or model.name, tokenizer=tokenizer,
-                max_attempts=external.max_attempts, avoid_failed_for_s=external.down_after_s,
-                retry_after_s=retry_after_s, streams=self.engine_streams,
-            )
-            handles = {}
-        for role, handle in handles.items():
-            # A failed prefill is not retried: the decode replica computing the prompt is faster.
-            retry = role != "prefill"
-            client: EngineClient = ServeEngineClient(
-                handle, retry_after_s=retry_after_s, max_attempts=3 if retry else 1
-            )
-            if self._stream_from_engines:
-                client = DirectStreamEngineClient(
-                    client, self.cluster, self._http, served_model_name=model.name,
-                    tokenizer=tokenizer,
-                    node_id=self._node_id, retry=retry, retry_after_s=retry_after_s, streams=self.engine_streams,
-                )
-            clients[role] = client
+            http = HTTPTransport(self._pool(external.connect_timeout_s))
+            return self._routed(model, ("mixed",), {}, http, max_attempts=external.max_attempts,
+                                avoid_failed_for_s=external.down_after_s)
+        transports: dict[str, Transport] = {role: ServeTransport(handle) for role, handle in handles.items()}
+        http = HTTPTransport(self._pool(5.0)) if self._stream_from_engines else None
         split = model.disaggregation
-        if split is None and not self.ranks_requests and not model.is_external:
-            return clients["mixed"]
-
-        def routed(roles: tuple[ReplicaRole, ...]) -> RoutedEngineClient:
-            return RoutedEngineClient(
-                {role: clients[role] for role in roles if role in clients},
-                model=model.name,
-                block_size=model.engine.block_size,
-                scheduler=self.scheduler,
-                sync=self.sync,
-                metrics=self.router_metrics,
-                roles=roles,
-                on_request=self._ensure_syncing,
-            )
-
+        if split is None and not self.ranks_requests:
+            return ServeRoutedClient(ServeTransport(handles["mixed"]), model=model.name, streams=self.engine_streams)
         if split is None:
-            return routed(("mixed",))
+            return self._routed(model, ("mixed",), transports, http, max_attempts=3)
         # The split needs the gateway's own scheduler whatever the policy: it picks decode first.
-        return DisaggregatedEngineClient(
-            routed(("decode", "mixed")),
-            routed(("prefill",)),
+        return SplitClient(
+            self._routed(model, ("decode", "mixed"), transports, http, max_attempts=3),
+            # A failed prefill is not retried: the decode replica computing the prompt is faster.
+            self._routed(model, ("prefill",), transports, http, max_attempts=1),
             model=model.name,
             min_split_tokens=split.min_split_tokens,
             prefill_timeout_s=split.prefill_timeout_s,
             metrics=self.split_metrics,
         )
 
-    def _external_http(self, connect_timeout_s: float) -> httpx.AsyncClient:
-        client = self._external_clients.get(connect_timeout_s)
-        if client is None:
-            client = self._external_clients[connect_timeout_s] = new_http_client(connect_timeout_s)
-        return client
+    # -- cluster state -------------------------------------------------------------------------
 
     def _ensure_syncing(self) -> None:
         if self._sync_task is None or self._sync_task.done():
-            self._sync_task = asyncio.get_running_loop().create_task(self.sync.run())
+            with contextlib.suppress(RuntimeError):  # no running loop: the first request starts it
+                self._sync_task = asyncio.get_running_loop().create_task(self.sync.run())
 
     def _publish_replica_load(self) -> None:
+        # At scrape time, not at every sync: nobody reads the gauges in between.
         gauge = self.router_metrics.replica_load
         for replica in self.cluster.replicas.values():
             labels = (replica.info.model, replica.replica_id)
@@ -193,7 +207,11 @@ class OpenAIIngress:
             gauge.labels(*labels, "running").set(replica.stats.num_requests_running)
             gauge.labels(*labels, "waiting").set(replica.stats.num_requests_waiting)
             gauge.labels(*labels, "kv_cache_usage").set(replica.stats.kv_cache_usage_perc)
-        self.router_metrics.state_age.set(0.0)
+
+    def _metrics_page(self) -> bytes:
+        self._publish_replica_load()
+        self.router_metrics.state_age.set(max(0.0, time.monotonic() - self.cluster.synced_at))
+        return self.metrics.render()
 
     async def routing_state(self) -> dict[str, Any]:
         """This ingress replica's view of the fleet (for operators and tests)."""
@@ -204,6 +222,7 @@ class OpenAIIngress:
             "fresh": self.cluster.is_fresh(now),
             "policy": self.scheduler.config.policy,
             "ttft_model": self.scheduler.ttft_model.coefficients,
+            "listening": None if self.listener is None else f"{self.listener.host}:{self.listener.port}",
             "replicas": {
                 rid: {
                     "role": s.info.role,
@@ -216,37 +235,20 @@ class OpenAIIngress:
             },
         }
 
-    # -- HTTP ----------------------------------------------------------------------------------
-
-    @gateway_api.post("/v1/chat/completions")
-    async def chat_completions_http(self, request: Request) -> Response:
-        return await self.http.chat_completions(request)
-
-    @gateway_api.post("/v1/completions")
-    async def completions_http(self, request: Request) -> Response:
-        return await self.http.completions(request)
-
-    @gateway_api.get("/v1/models")
-    async def models_http(self) -> JSONResponse:
-        return self.http.models()
-
-    @gateway_api.get("/health")
-    async def health_http(self) -> JSONResponse:
-        return JSONResponse({"status": "ok"})
-
-    @gateway_api.get("/metrics")
-    async def metrics_http(self) -> Response:
-        self.router_metrics.state_age.set(max(0.0, time.monotonic() - self.cluster.synced_at))
-        return self.http.metrics()
+    async def routing_keys(self, endpoint: Endpoint, body: dict[str, Any]) -> list[int]:
+        """The block keys this gateway routes a request on (for operators comparing them with the engines'
+        KV events: for exact keys, each is the hash of a block the engine stores for the same prompt)."""
+        prepared = await self.serving.preparer.prepare(self.serving.preparer.validate(endpoint, body))
+        return list(prepared.engine_request.block_hashes)
 
     # -- Python handle API (batch jobs) --------------------------------------------------------
 
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
         """A chat completion as a dict, like `client.chat.completions.create(...).model_dump()`."""
-        return await self._create("chat", body)
+        return await self.serving.create("chat", body)
 
     async def completions(self, body: dict[str, Any]) -> dict[str, Any]:
-        return await self._create("completions", body)
+        return await self.serving.create("completions", body)
 
     async def chat_stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Chat completion chunks as dicts; call with `handle.options(stream=True)`."""
@@ -260,11 +262,13 @@ class OpenAIIngress:
     async def list_models(self) -> dict[str, Any]:
         return self.serving.list_models().model_dump()
 
-    async def _create(self, endpoint: Endpoint, body: dict[str, Any]) -> dict[str, Any]:
-        response = await self.serving.create(endpoint, {**body, "stream": False})
-        return response.model_dump(mode="json")
-
     async def _stream(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        async with contextlib.aclosing(self.serving.stream(endpoint, {**body, "stream": True})) as chunks:
+        async with contextlib.aclosing(self.serving.stream(endpoint, body)) as chunks:
             async for chunk in chunks:
-                yield chunk.model_dump(mode="json")
+                yield chunk
+
+    async def __del__(self) -> None:
+        if getattr(self, "listener", None) is not None:
+            await self.listener.stop()
+        for pool in getattr(self, "_pools", {}).values():
+            pool.close()

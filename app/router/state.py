@@ -59,6 +59,12 @@ class ReplicaStats(BaseModel):
     external_prefix_cache_hits: int = 0
     timestamp: float = 0.0
 
+    def signature(self) -> tuple[float, ...]:
+        """Everything but the time of the snapshot: equal signatures mean nothing changed."""
+        return (self.num_requests_running, self.num_requests_waiting, self.kv_cache_usage_perc,
+                self.prefix_cache_queries, self.prefix_cache_hits, self.external_prefix_cache_queries,
+                self.external_prefix_cache_hits)
+
 
 @dataclass(slots=True)
 class ReplicaState:

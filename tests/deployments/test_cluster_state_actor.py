@@ -1,6 +1,7 @@
 """The state actor and the routers' sync with it, called in-process (the actor's methods are plain
 Python; Ray only hosts them)."""
 
+import inspect
 from types import SimpleNamespace
 from typing import Any
 
@@ -22,7 +23,8 @@ class InProcessActor:
         method = getattr(self._actor, name)
 
         async def remote(*args: Any) -> Any:
-            return method(*args)
+            result = method(*args)
+            return await result if inspect.isawaitable(result) else result
 
         return SimpleNamespace(remote=remote)
 

@@ -10,7 +10,7 @@ from ray import serve
 
 from app.config import parse_gateway_config
 from app.deployments.builder import build_gateway
-from tests.helpers import metric_value, start_local_serve, stop_local_serve, wait_for
+from tests.helpers import listen_on_free_port, metric_value, start_local_serve, stop_local_serve, wait_for
 
 pytestmark = pytest.mark.serve
 
@@ -38,11 +38,13 @@ def split_args() -> dict:
 
 @pytest.fixture(scope="module")
 def gateway():
-    port = start_local_serve()
+    start_local_serve()
     try:
-        serve.run(build_gateway(parse_gateway_config(split_args())), name="gateway", route_prefix="/")
+        args = split_args()
+        listener = listen_on_free_port(args)
+        serve.run(build_gateway(parse_gateway_config(args)), name="gateway", route_prefix="/")
         assert wait_for(lambda: len(routing_state()["replicas"]) == 2, timeout_s=30)
-        yield f"http://127.0.0.1:{port}"
+        yield listener
     finally:
         stop_local_serve()
 
@@ -114,10 +116,10 @@ def test_requests_waiting_on_a_dead_decode_replica_are_retried_on_another(gatewa
     args = split_args()
     args["models"][0]["disaggregation"]["decode"] = {"num_replicas": 2, "engine_overrides": {
         "max_num_seqs": 1, "time_scale": 1.0}}
+    url = listen_on_free_port(args)
     serve.run(build_gateway(parse_gateway_config(args)), name="retry", route_prefix="/retry")
     handle = serve.get_app_handle("retry")
     assert wait_for(lambda: len(handle.routing_state.remote().result()["replicas"]) == 3, timeout_s=30)
-    url = gateway + "/retry"
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
         futures = [pool.submit(complete, url, 5, f"retry{i}", 64) for i in range(12)]
         time.sleep(0.5)

@@ -24,7 +24,15 @@ from app.deployments.builder import build_gateway
 from app.deployments.cluster_state import NAMESPACE, actor_name
 from app.deployments.external_endpoints import external_replica_id
 from app.tokenizer import BUILTIN_TOKENIZER_DIR
-from tests.helpers import SimServer, metric_sample, metric_value, start_local_serve, stop_local_serve, wait_for
+from tests.helpers import (
+    SimServer,
+    listen_on_free_port,
+    metric_sample,
+    metric_value,
+    start_local_serve,
+    stop_local_serve,
+    wait_for,
+)
 
 pytestmark = pytest.mark.serve
 
@@ -44,7 +52,7 @@ def fleet():
             server.start(wait=False)
         for server in servers:
             server.wait_ready()
-        port = start_local_serve()
+        start_local_serve()
         engine = {
             "kind": "external",
             "served_model_name": "sim-llama",
@@ -58,8 +66,9 @@ def fleet():
                 {"name": TEXT_MODEL, "max_model_len": 4096, "engine": engine},
             ],
         }
+        listener = listen_on_free_port(args)
         serve.run(build_gateway(parse_gateway_config(args)), name=APP, route_prefix="/")
-        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+        client = OpenAI(base_url=f"{listener}/v1", api_key="unused", max_retries=0, timeout=60)
         assert wait_for(lambda: len(actor_view()["replicas"]) == 6, timeout_s=30)  # 3 servers x 2 models
         yield client, servers
     finally:
@@ -286,8 +295,9 @@ def test_servers_found_through_kubernetes_join_and_leave_the_gateway(fleet, tmp_
             "kubernetes": {"namespace": "llm", "label_selector": "app=vllm", "port": server.port,
                            "kubeconfig": str(emulator.kubeconfig)},
         }}]}
+        listener = listen_on_free_port(args)
         serve.run(build_gateway(parse_gateway_config(args)), name=app, route_prefix="/k8s")
-        client = fleet[0].with_options(base_url=str(fleet[0].base_url).replace("/v1", "/k8s/v1"))
+        client = fleet[0].with_options(base_url=f"{listener}/v1")
         watcher = serve.get_deployment_handle(f"endpoints-{K8S_MODEL}", app_name=app)
 
         def ask() -> str:

@@ -11,7 +11,14 @@ from ray import serve
 from app.api.errors import APIError
 from app.config import parse_gateway_config
 from app.deployments.builder import build_gateway
-from tests.helpers import metric_value, start_local_serve, stop_local_serve, wait_for
+from tests.helpers import (
+    BaseURL,
+    listen_on_free_port,
+    metric_value,
+    start_local_serve,
+    stop_local_serve,
+    wait_for,
+)
 
 pytestmark = pytest.mark.serve
 
@@ -32,17 +39,28 @@ def gateway_args(**engine_deployment) -> dict:
 
 
 @pytest.fixture(scope="module")
-def gateway():
+def apps():
     port = start_local_serve()
-    serve.run(build_gateway(parse_gateway_config(gateway_args())), name="gateway", route_prefix="/")
+    main = gateway_args()
+    main_listener = listen_on_free_port(main)
+    serve.run(build_gateway(parse_gateway_config(main)), name="gateway", route_prefix="/")
     # A second app with one real-time engine replica and tiny queues, to reach overload on purpose.
     tight = gateway_args(num_replicas=1, max_ongoing_requests=2, max_queued_requests=1)
     tight["models"][0]["engine"]["time_scale"] = 1.0
+    tight_listener = listen_on_free_port(tight)
     serve.run(build_gateway(parse_gateway_config(tight)), name="tight", route_prefix="/tight")
+    proxy = f"http://127.0.0.1:{port}"
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield {"listen": BaseURL(main_listener, "listen", tight=tight_listener),
+               "proxy": BaseURL(proxy, "proxy", tight=proxy + "/tight")}
     finally:
         stop_local_serve()
+
+
+@pytest.fixture(params=["listen", "proxy"])
+def gateway(apps, request):
+    """Each test runs on both ways in: the gateway's own listener (the default) and Serve's proxy."""
+    return apps[request.param]
 
 
 def engine_stats(app: str = "gateway") -> dict[str, dict]:
@@ -126,7 +144,7 @@ def test_handle_api_for_batch_jobs(gateway):
 def test_client_disconnect_aborts_the_engine_request(gateway):
     # The real-time app: 1,900 tokens take about 11 s, far longer than this test waits.
     body = {**CHAT, "max_tokens": 1900, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", gateway + "/tight/v1/chat/completions", json=body, timeout=30) as response:
+    with httpx.stream("POST", gateway.tight + "/v1/chat/completions", json=body, timeout=30) as response:
         lines = response.iter_lines()  # leaving a for-loop over it would close the connection early
         assert next(lines).startswith("data:")
         assert wait_for(lambda: sum(s["num_requests_running"] for s in engine_stats("tight").values()) == 1)
@@ -151,7 +169,7 @@ def test_overload_gets_503_with_retry_after_and_nothing_hangs(gateway):
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=60) as client:
             return await asyncio.gather(
-                *[client.post(gateway + "/tight/v1/chat/completions", json=body) for _ in range(6)]
+                *[client.post(gateway.tight + "/v1/chat/completions", json=body) for _ in range(6)]
             )
 
     responses = asyncio.run(burst())

@@ -13,7 +13,7 @@ from ray import serve
 from app.config import parse_gateway_config
 from app.deployments.builder import build_gateway
 from app.deployments.cluster_state import NAMESPACE, actor_name
-from tests.helpers import start_local_serve, stop_local_serve, wait_for
+from tests.helpers import listen_on_free_port, start_local_serve, stop_local_serve, wait_for
 
 pytestmark = pytest.mark.serve
 
@@ -35,12 +35,15 @@ def app_args(time_scale: float) -> dict:
 @pytest.fixture(scope="module")
 def cluster():
     port = start_local_serve()
-    serve.run(build_gateway(parse_gateway_config(app_args(0.2))), name="routed", route_prefix="/")
+    routed = app_args(0.2)
+    # Both ingress replicas listen on the one port; the kernel spreads the client's connections.
+    listener = listen_on_free_port(routed)
+    serve.run(build_gateway(parse_gateway_config(routed)), name="routed", route_prefix="/")
     baseline = app_args(0.05) | {"routing": {"policy": "ray_prefix_cache_affinity"}}
     baseline["models"][0]["deployment"]["num_replicas"] = 2
-    baseline["ingress"]["num_replicas"] = 1
+    baseline["ingress"] = {"num_replicas": 1, "listen": None}  # through Serve's proxy
     serve.run(build_gateway(parse_gateway_config(baseline)), name="ray-baseline", route_prefix="/ray")
-    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+    client = OpenAI(base_url=f"{listener}/v1", api_key="unused", max_retries=0, timeout=60)
     client.ray_baseline = OpenAI(base_url=f"http://127.0.0.1:{port}/ray/v1", api_key="unused", max_retries=0)
     try:
         assert wait_for(lambda: len(view_when_up()["replicas"]) == 3, timeout_s=30)

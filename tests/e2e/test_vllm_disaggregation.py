@@ -16,7 +16,7 @@ from ray import serve
 from app.config import parse_gateway_config
 from app.deployments.builder import build_gateway
 from tests.e2e.conftest import engine_processes, vllm_cpu_engine
-from tests.helpers import metric_value, start_local_serve, stop_local_serve, wait_for
+from tests.helpers import free_port, metric_value, start_local_serve, stop_local_serve, wait_for
 
 pytestmark = [pytest.mark.serve, pytest.mark.vllm]
 
@@ -24,6 +24,7 @@ REFERENCE, SPLIT = "tiny-mixed", "tiny-split"
 WORDS = "amber basil cedar delta ember fjord garnet hazel indigo juniper kelp lilac".split()
 PROMPTS = [" ".join(WORDS[(i * 5 + j) % len(WORDS)] for j in range(150 + 17 * i)) for i in range(3)]
 REFERENCE_ANSWERS: dict[str, tuple[str, list[float]]] = {}
+LISTEN_PORT = free_port()  # every redeploy of the app keeps its listener here
 
 
 def split_model(model_dir, connector: dict) -> dict:
@@ -37,7 +38,8 @@ def split_model(model_dir, connector: dict) -> dict:
 
 
 def deploy(models: list[dict]) -> None:
-    serve.run(build_gateway(parse_gateway_config({"models": models})), name="gateway", route_prefix="/")
+    args = {"models": models, "ingress": {"listen": {"host": "127.0.0.1", "port": LISTEN_PORT}}}
+    serve.run(build_gateway(parse_gateway_config(args)), name="gateway", route_prefix="/")
     roles = sum(2 if m.get("disaggregation") else 1 for m in models)
     assert wait_for(lambda: len(routing_state()["replicas"]) == roles, timeout_s=60)
 
@@ -65,9 +67,9 @@ def answer(url: str, model: str, prompt: str) -> tuple[str, list[float]]:
 
 @pytest.fixture(scope="module")
 def serve_url(tiny_model):
-    port = start_local_serve()
+    start_local_serve()
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{LISTEN_PORT}"
     finally:
         stop_local_serve()
         assert wait_for(lambda: not engine_processes(), timeout_s=30), engine_processes()

@@ -1,22 +1,25 @@
-"""The gateway over two real vLLM CPU engines (2 mixed replicas), through Ray Serve's HTTP proxy."""
+"""The gateway over two real vLLM CPU engines (2 mixed replicas), on the gateway's own listener."""
 
 import random
 import time
 
 import httpx
 import pytest
+import ray
 from openai import OpenAI
 from ray import serve
 
 from app.config import parse_gateway_config
 from app.deployments.builder import build_gateway
+from app.deployments.cluster_state import NAMESPACE, actor_name
 from tests.e2e.conftest import engine_processes, vllm_cpu_engine
-from tests.helpers import metric_sample, start_local_serve, stop_local_serve, wait_for
+from tests.helpers import free_port, metric_sample, start_local_serve, stop_local_serve, wait_for
 
 pytestmark = [pytest.mark.serve, pytest.mark.vllm]
 
 MODEL = "tiny-llama"
 WORDS = "river stone cloud maple engine harbor violet copper lantern meadow signal orbit".split()
+LISTEN_PORT = free_port()  # every redeploy of the app keeps its listener here
 
 
 def gateway_args(model_dir, policy: str) -> dict:
@@ -28,6 +31,7 @@ def gateway_args(model_dir, policy: str) -> dict:
             "deployment": {"num_replicas": 2, "max_ongoing_requests": 64},
         }],
         "routing": {"policy": policy},
+        "ingress": {"listen": {"host": "127.0.0.1", "port": LISTEN_PORT}},
     }
 
 
@@ -37,10 +41,10 @@ def deploy(model_dir, policy: str) -> None:
 
 @pytest.fixture(scope="module")
 def gateway(tiny_model):
-    port = start_local_serve()
+    start_local_serve()
     try:
         deploy(tiny_model, "prefix_aware")
-        url = f"http://127.0.0.1:{port}"
+        url = f"http://127.0.0.1:{LISTEN_PORT}"
         wait_for(lambda: len(routing_state()["replicas"]) == 2, timeout_s=30)
         yield url
     finally:
@@ -128,6 +132,32 @@ def test_kv_events_from_vllm_fill_the_router_index(gateway):
     client = OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
     client.completions.create(model=MODEL, prompt=system_prompt(1, "events"), max_tokens=1)
     assert wait_for(lambda: sum(r["blocks"] for r in routing_state()["replicas"].values()) > 0, timeout_s=10)
+
+
+def test_the_gateways_keys_for_chats_are_the_blocks_vllm_stores(gateway):
+    """Tokenize to route, forward to serve: vLLM renders and tokenizes the chat it is sent, and the blocks
+    it reports storing (its KV events, in the state actor's index) are exactly the gateway's keys."""
+    system = system_prompt(2, "keys")
+    conversations = [
+        [{"role": "system", "content": system}, {"role": "user", "content": "What is the harbor like?"}],
+        [{"role": "system", "content": system}, {"role": "user", "content": "Describe the meadow."},
+         {"role": "assistant", "content": " ".join(WORDS * 4)},
+         {"role": "user", "content": "And the lantern by the river?"}],
+        [{"role": "user", "content": " ".join(WORDS * 12)}],
+    ]
+    handle = serve.get_app_handle("gateway")
+    actor = ray.get_actor(actor_name("gateway"), namespace=NAMESPACE)
+    client = OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
+    for messages in conversations:
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1)
+        keys = handle.routing_keys.remote("chat", {"model": MODEL, "messages": messages}).result(timeout_s=30)
+        assert len(keys) >= 3, "long enough for several full 32-token blocks"
+
+        def stored(keys: list[int] = keys) -> int:
+            return max(ray.get(actor.match.remote(keys), timeout=10).values(), default=0)
+
+        # Every full block of the prompt, keyed as the gateway keys it, is one vLLM says it stored.
+        assert wait_for(lambda: stored() == len(keys), timeout_s=15), (stored(), len(keys))  # noqa: B023
 
 
 def test_client_disconnect_aborts_the_request_in_vllm(gateway):

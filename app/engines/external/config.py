@@ -124,6 +124,16 @@ class ExternalEngineConfig(_Strict):
         description="A server whose /metrics scrapes have failed this long since its last good one leaves the "
         "routing candidates; when it answers again its cache is taken to be empty (it may have restarted).",
     )
+    max_ongoing_requests: int | None = Field(
+        default=None, ge=1,
+        description="The most requests one ingress replica keeps on one server; beyond it requests wait at the "
+        "gateway for a server with room. Default: no limit (the servers queue).",
+    )
+    max_queued_requests: int | None = Field(
+        default=None, ge=0,
+        description="With max_ongoing_requests: requests that may wait at one ingress replica; beyond it 503 "
+        "engine_overloaded with Retry-After. Default: no limit.",
+    )
     max_attempts: int = Field(
         default=3, ge=1,
         description="Servers tried for one request when the chosen one cannot be reached (before any output).",

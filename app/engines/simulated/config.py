@@ -58,6 +58,12 @@ class SimulatedEngineConfig(BaseModel):
         default="sha256", description="Block-hash algorithm (vLLM: --prefix-caching-hash-algo)."
     )
     hash_seed: str = Field(default="0", description="Seed of the block-hash chain (vLLM: PYTHONHASHSEED).")
+    server_host: str | None = Field(
+        default="127.0.0.1",
+        description="Where an engine replica serves the engine's OpenAI API over HTTP, as a vLLM replica does, "
+        "so ingresses relay its answers straight from it: 127.0.0.1 reaches ingresses on the same node, 0.0.0.0 "
+        "every node. null: no server; requests go through the replica's Serve handle (a Ray hop per chunk).",
+    )
 
     @field_validator("hash_seed", mode="before")
     @classmethod

@@ -52,7 +52,7 @@ class SimulatedEngine:
     ) -> None:
         self.config = config
         self.model = model
-        self._tokenizer = tokenizer
+        self.tokenizer = tokenizer
         special = tokenizer.special_token_ids
         # Generate only tokens that decode to whole characters, so answers are readable text.
         vocab = [
@@ -130,7 +130,7 @@ class SimulatedEngine:
             raise RuntimeError("the engine is shut down")
         if self._loop_task is None:
             await self.start()
-        stream = _Stream(request, IncrementalDetokenizer(self._tokenizer), arrival=self._now())
+        stream = _Stream(request, IncrementalDetokenizer(self.tokenizer), arrival=self._now())
         self.core.add_request(request, self._now())  # raises EngineRequestRejected up front
         self._streams[request.request_id] = stream
         self._wake.set()

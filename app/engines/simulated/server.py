@@ -37,9 +37,14 @@ def create_app(
     max_model_len: int = 4096,
     max_body_bytes: int = 8 * 1024 * 1024,
     kv_events_endpoint: str | None = None,
+    engine: SimulatedEngine | None = None,
 ) -> FastAPI:
-    tokenizer = PromptTokenizer.from_dir(tokenizer_dir)
-    engine = SimulatedEngine(engine_config, tokenizer, model=model, max_model_len=max_model_len)
+    """The server's app. With `engine`, it serves that engine (started and stopped by its owner, an engine
+    replica); without, it makes one and runs it for the app's lifetime."""
+    owned = engine is None
+    tokenizer = PromptTokenizer.from_dir(tokenizer_dir) if engine is None else engine.tokenizer
+    if engine is None:
+        engine = SimulatedEngine(engine_config, tokenizer, model=model, max_model_len=max_model_len)
     served = ServedModel(
         name=model,
         tokenizer=tokenizer,
@@ -52,6 +57,9 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if not owned:
+            yield
+            return
         await engine.start()
         publisher = KVEventPublisher(engine, kv_events_endpoint) if kv_events_endpoint else None
         if publisher is not None:

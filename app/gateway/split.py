@@ -4,30 +4,28 @@ Per request: pick the decode replica first (decode and mixed replicas, by prefix
 because that is where the KV cache has to end up and where the tokens stream from. Split only when
 that replica would otherwise compute more than `min_split_tokens` prompt tokens itself: short or
 mostly cached prompts go straight to it. To split, pick a prefill replica (prefix match and load),
-send it the request with max_tokens=1 and `do_remote_decode`, and give the kv_transfer_params it
-returns to the decode replica, which pulls the KV cache (NIXL) or loads it (shared storage).
+send it the client's body with max_tokens=1, no streaming and `do_remote_decode`, and give the
+kv_transfer_params it returns to the decode replica, which pulls the KV cache (NIXL) or loads it
+(shared storage). Both hops carry the client's own fields, so structured output and tools apply alike.
 
 Failures never lose a request: a prefill that fails or times out means the decode replica computes
 the prompt itself (no retry: the decode replica is the faster fallback), and the failed prefill
-replica is left out of splits for a while; a decode replica that fails before its first token is retried on another one
-(ServeEngineClient drops the failed replica and the hand-off, so the retry recomputes).
+replica is left out of splits for a while; a decode replica that fails before its first token is
+retried on another one, which recomputes the prompt.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any, Literal
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-
-from app.api.errors import APIError
-from app.deployments.routing import RoutedEngineClient
-from app.engines.protocol import EngineOutput, EngineRequest, EngineRequestRejected, EngineUnavailableError
+from app.engines.protocol import EngineRequest, EngineRequestRejected, EngineUnavailableError
+from app.gateway.metrics import DisaggregationMetrics
+from app.gateway.relay import EngineReply, ForwardedCall
+from app.gateway.routed import RoutedClient
 
 logger = logging.getLogger("ray.serve")
 
@@ -43,29 +41,27 @@ PREFILL_TRANSFER_PARAMS: dict[str, Any] = {
     "remote_port": None,
 }
 SUSPEND_FAILED_PREFILL_S = 30.0
-_PREFILL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+# The prefill hop computes the prompt and one token; nothing it returns reaches the client.
+_PREFILL_BODY_CHANGES: dict[str, Any] = {
+    "max_tokens": 1, "max_completion_tokens": None, "stream": False, "stream_options": None, "n": None,
+    "logprobs": None, "top_logprobs": None, "stop": None, "stop_token_ids": None, "min_tokens": None,
+    "echo": None,
+}
 
 
-class DisaggregationMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter(
-            "gateway_disaggregation_requests",
-            "Requests of split models by path: direct (below the threshold or a mixed replica), split, "
-            "prefill_failed (decode computed the prompt), no_prefill (no prefill replica known).",
-            ["model", "path"], registry=registry,
-        )
-        self.prefill_seconds = Histogram(
-            "gateway_disaggregation_prefill_seconds",
-            "The split hop: from sending the prefill request to having its kv_transfer_params.",
-            ["model"], buckets=_PREFILL_BUCKETS, registry=registry,
-        )
+def prefill_call(call: ForwardedCall) -> ForwardedCall:
+    changes = dict(_PREFILL_BODY_CHANGES)
+    if call.path.endswith("/completions") and "messages" not in call.body:
+        changes.pop("top_logprobs")  # completions have no such field; leaving it out is the same
+    return call.with_body(**changes, kv_transfer_params=dict(PREFILL_TRANSFER_PARAMS))
 
 
-class DisaggregatedEngineClient:
+class SplitClient:
     def __init__(
         self,
-        decode: RoutedEngineClient,
-        prefill: RoutedEngineClient,
+        decode: RoutedClient,
+        prefill: RoutedClient,
         *,
         model: str,
         min_split_tokens: int,
@@ -82,7 +78,7 @@ class DisaggregatedEngineClient:
         """Prefill replicas that just failed, until when. Without this, requests would keep going to a
         dead replica (and wait for Serve to replace it) until the state actor times it out."""
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+    async def open(self, request: EngineRequest, call: ForwardedCall) -> EngineReply:
         routing, decision = self._decode.route(request)
         path: SplitPath = "direct"
         params: dict[str, Any] | None = None
@@ -91,49 +87,37 @@ class DisaggregatedEngineClient:
             and self._decode.role_of(decision.replica_id) == "decode"
             and decision.uncached_tokens > self._min_split_tokens
         ):
-            path, params = await self._run_prefill(request)
+            path, params = await self._run_prefill(request, call)
         self._metrics.requests.labels(self._model, path).inc()
         if params is not None:
-            request = request.model_copy(update={"kv_transfer_params": params})
+            call = call.with_body(kv_transfer_params=params)
         # A decode that pulled its KV cache has a TTFT the cost model must not learn prefill speed from.
-        async with contextlib.aclosing(
-            self._decode.serve(request, routing, decision, learn=path != "split")
-        ) as outputs:
-            async for output in outputs:
-                yield output
+        return await self._decode.serve(request, call, routing, decision, learn=path != "split")
 
-    async def _run_prefill(self, request: EngineRequest) -> tuple[SplitPath, dict[str, Any] | None]:
+    async def _run_prefill(
+        self, request: EngineRequest, call: ForwardedCall
+    ) -> tuple[SplitPath, dict[str, Any] | None]:
         routing, decision = self._prefill.route(request)
         now = time.monotonic()
         if decision is not None:
             live = [r for r in decision.ranked if self._suspended.get(r, 0.0) <= now]
-            decision = replace(decision, ranked=live) if live else None
+            decision = replace(decision, ranked=live[:1]) if live else None
         if decision is None:
             return "no_prefill", None
-        prefill_request = request.model_copy(update={
-            "request_id": f"{request.request_id}-prefill",
-            "sampling": request.sampling.model_copy(
-                update={"max_tokens": 1, "logprobs": None, "stop": [], "stop_token_ids": []}
-            ),
-            "kv_transfer_params": dict(PREFILL_TRANSFER_PARAMS),
-        })
         started = time.monotonic()
+        prefill = request.model_copy(update={"request_id": f"{request.request_id}-prefill"})
         try:
             async with asyncio.timeout(self._prefill_timeout_s):
-                last: EngineOutput | None = None
-                async with contextlib.aclosing(self._prefill.serve(prefill_request, routing, decision)) as outputs:
-                    async for output in outputs:
-                        last = output
-        except (APIError, EngineUnavailableError, EngineRequestRejected, TimeoutError) as error:
+                reply = await self._prefill.serve(prefill, prefill_call(call), routing, decision)
+                reply.close()
+        except (EngineUnavailableError, EngineRequestRejected, TimeoutError) as error:
             failed = decision.replica_id
             self._suspended[failed] = time.monotonic() + SUSPEND_FAILED_PREFILL_S
             logger.warning("prefill of %s on %s failed (%r); the decode replica computes the prompt itself, "
                            "and %s gets no prefill for %.0fs", request.request_id, failed, error, failed,
                            SUSPEND_FAILED_PREFILL_S)
             return "prefill_failed", None
-        if last is None or not last.finished:
-            return "prefill_failed", None
         self._metrics.prefill_seconds.labels(self._model).observe(time.monotonic() - started)
         # NIXL returns where to pull from; the shared-storage connector returns nothing (decode finds
         # the blocks in the shared folder by the prompt's hash).
-        return "split", last.kv_transfer_params
+        return "split", (reply.body or {}).get("kv_transfer_params")

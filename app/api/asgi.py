@@ -1,0 +1,174 @@
+"""The gateway's HTTP face as a bare ASGI app: routes, bodies in, bytes out, errors as OpenAI sends them.
+
+No web framework on the way: every streamed token passes through here, and a framework's routing,
+middleware and per-chunk machinery cost more CPU than the relay itself (benchmarks/README.md, "The
+data path"). The same app serves the gateway's own listener (app/api/listener.py) and Serve's HTTP
+proxy (the ingress deployment hands it to Serve), so both paths behave alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from app.api.errors import APIError, json_body, too_large
+from app.api.gateway_serving import GatewayResponse, GatewayServing
+from app.api.prepare import Endpoint
+
+logger = logging.getLogger("ray.serve")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+PROMETHEUS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+_JSON = [(b"content-type", b"application/json")]
+_SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+_GENERATE: dict[str, Endpoint] = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+
+
+class GatewayASGI:
+    """The OpenAI routes of the gateway, plus /health and /metrics."""
+
+    def __init__(
+        self,
+        serving: GatewayServing,
+        *,
+        max_body_bytes: int,
+        metrics: Callable[[], bytes],
+        extra_routes: dict[str, Callable[[], Awaitable[Any]]] | None = None,
+    ) -> None:
+        self.serving = serving
+        self.max_body_bytes = max_body_bytes
+        self._metrics = metrics
+        self._extra = extra_routes or {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if kind != "http":
+            return
+        path = _route_path(scope)
+        method = scope["method"]
+        try:
+            endpoint = _GENERATE.get(path)
+            if endpoint is not None:
+                if method != "POST":
+                    raise APIError(405, "Method Not Allowed")
+                await self._generate(endpoint, scope, receive, send)
+            elif method not in ("GET", "HEAD"):
+                raise APIError(405 if path in ("/v1/models", "/health", "/metrics") else 404,
+                               "Method Not Allowed" if path in ("/v1/models", "/health", "/metrics") else "Not Found")
+            elif path == "/v1/models":
+                await _send(send, 200, _JSON, self.serving.list_models().model_dump_json().encode())
+            elif path == "/health":
+                await _send(send, 200, _JSON, b'{"status":"ok"}')
+            elif path == "/metrics":
+                await _send(send, 200, [(b"content-type", PROMETHEUS_CONTENT_TYPE)], self._metrics())
+            elif path in self._extra:
+                result = await self._extra[path]()
+                await _send(send, 200, _JSON, json.dumps(result).encode())
+            else:
+                raise APIError(404, "Not Found")
+        except APIError as error:
+            await _send_error(send, error)
+
+    async def _generate(self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
+        body = await self._read_json(scope, receive)
+        response = await self.serving.open(endpoint, body)
+        try:
+            headers = [*(_SSE if response.stream else [(b"content-type", response.media_type.encode())]),
+                       (b"x-request-id", response.request_id.encode())]
+            if not response.stream:
+                await _send(send, 200, headers, response.first)
+                return
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await _relay(response, receive, send)
+        finally:
+            await response.aclose()
+
+    async def _read_json(self, scope: Scope, receive: Receive) -> object:
+        limit = self.max_body_bytes
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                raise too_large(limit)
+        pieces: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise asyncio.CancelledError
+            piece = message.get("body", b"")
+            if piece:
+                size += len(piece)
+                if size > limit:
+                    raise too_large(limit)
+                pieces.append(piece)
+            if not message.get("more_body"):
+                break
+        return json_body(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+
+
+async def _relay(response: GatewayResponse, receive: Receive, send: Send) -> None:
+    """Send a stream; if the client goes away, stop (closing the response aborts the engine's request)."""
+    relaying = asyncio.current_task()
+    assert relaying is not None
+    gone = False
+
+    def client_gone(watch: asyncio.Task[dict[str, Any]]) -> None:
+        nonlocal gone
+        if not watch.cancelled() and watch.exception() is None and watch.result()["type"] == "http.disconnect":
+            gone = True
+            relaying.cancel()
+
+    # The body has been read, so the next message can only be the disconnect.
+    watch = asyncio.ensure_future(receive())
+    watch.add_done_callback(client_gone)
+    try:
+        await send({"type": "http.response.body", "body": response.first, "more_body": True})
+        async for data in response.rest():
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        relaying.uncancel()  # our own cancel, to stop relaying: the handler ends normally
+    finally:
+        watch.remove_done_callback(client_gone)
+        watch.cancel()
+
+
+def _route_path(scope: Scope) -> str:
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):] or "/"
+    return path.rstrip("/") or "/"
+
+
+async def _send(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _send_error(send: Send, error: APIError) -> None:
+    headers = [*_JSON, *((name.lower().encode(), value.encode()) for name, value in error.headers().items())]
+    with contextlib.suppress(Exception):  # the client may be gone, or the response already started
+        await _send(send, error.status_code, headers, json.dumps(error.to_dict()).encode())
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

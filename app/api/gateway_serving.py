@@ -1,0 +1,208 @@
+"""The gateway's OpenAI endpoints: prepare each request once, route it, relay the engine's answer.
+
+Per request: the cheap checks (schema, model, refused options), then admission, then the heavy part
+(tokens and block keys), then the model's relay client forwards the client's body to the chosen
+engine and hands back its answer as bytes. This is the only place that turns the gateway core's
+errors into OpenAI error bodies. Knows nothing of HTTP servers or Ray: the gateway's own listener,
+the FastAPI routes behind Serve's proxy and the handle API for batch jobs all call `open`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from app.api.errors import APIError, bad_request
+from app.api.prepare import ENDPOINT_PATHS, Endpoint, PreparedRequest
+from app.api.serving import ServingBase
+from app.engines.protocol import EngineRequest, EngineRequestRejected, EngineUnavailableError
+from app.gateway.errors import NoReplicaAvailable, is_overload
+from app.gateway.relay import EngineReply, ForwardedCall
+
+logger = logging.getLogger("ray.serve")
+
+_DONE_EVENT = b"data: [DONE]\n\n"
+
+
+class RelayClient(Protocol):
+    """Where a model's requests go in the gateway: routed, split, or handed to Serve."""
+
+    async def open(self, request: EngineRequest, call: ForwardedCall) -> EngineReply: ...
+
+
+@dataclass
+class GatewayResponse:
+    """An accepted request's answer: status and media type now, then bytes.
+
+    `first` is ready to send with the headers; `rest()` yields the remainder of a stream. Always
+    `aclose()` it (the HTTP layer does, in a finally): that ends the engine's request if the client
+    went away, and records the request's outcome in the metrics.
+    """
+
+    request_id: str
+    media_type: str
+    first: bytes
+    stream: bool
+    _reply: EngineReply
+    _on_close: Callable[[EngineReply, str], None]
+    headers: dict[str, str] = field(default_factory=dict)
+    _failed: bool = False
+    _closed: bool = False
+
+    async def rest(self) -> AsyncIterator[bytes]:
+        try:
+            async for data in self._reply.rest():
+                yield data
+        except EngineUnavailableError:
+            # Headers and part of the answer are out: report in-band, as OpenAI and vLLM do.
+            self._failed = True
+            error = APIError(503, "The engine serving this request failed mid-answer; retry the request.")
+            yield b"data: " + json.dumps(error.to_dict()).encode() + b"\n\n" + _DONE_EVENT
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._reply.close()
+        outcome = "503" if self._failed else "200" if self._reply.completed else "499"
+        self._on_close(self._reply, outcome)
+
+
+class GatewayServing(ServingBase):
+    """The OpenAI API of the gateway over relay clients, one per served model."""
+
+    async def open(self, endpoint: Endpoint, body: Any) -> GatewayResponse:
+        """Run a request up to the engine's acceptance; raises APIError before anything is sent."""
+        started = time.monotonic()
+        try:
+            validated = self.preparer.validate(endpoint, body)
+        except APIError as error:
+            self._count_refusal(endpoint, body, error)
+            raise
+        name = validated.model.name
+        # Admission comes before the heavy work, so a flood of large prompts is refused cheaply.
+        if not self._admission.try_acquire():
+            self.metrics.requests.labels(name, endpoint, "429").inc()
+            raise APIError(429, "The gateway is at its limit of requests in flight; retry after the indicated delay.",
+                           code="too_many_requests", retry_after_s=self._retry_after_s)
+        self.metrics.inflight.inc()
+        released = False
+
+        def release(status: str) -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._admission.release()
+                self.metrics.inflight.dec()
+                self.metrics.requests.labels(name, endpoint, status).inc()
+
+        try:
+            prepared = await self.preparer.prepare(validated)
+            reply = await self._open_engine(prepared)
+        except APIError as error:
+            release(str(error.status_code))
+            raise
+        except asyncio.CancelledError:
+            release("499")
+            raise
+        except BaseException:
+            release("500")
+            logger.exception("request to model %s failed", name)
+            raise APIError(500, "The gateway failed to serve this request; see its logs.") from None
+        return self._response(prepared, reply, started, release)
+
+    async def _open_engine(self, prepared: PreparedRequest) -> EngineReply:
+        model = prepared.model
+        call = ForwardedCall(ENDPOINT_PATHS[prepared.endpoint], forward_body(prepared), client_model=model.name,
+                             engine_model=model.served_name, keep_usage=prepared.include_usage)
+        try:
+            return await model.engine.open(prepared.engine_request, call)
+        except EngineRequestRejected as error:
+            # Through Ray the exception arrives wrapped; its `cause` is the engine's own.
+            cause = getattr(error, "cause", None) or error
+            default_param = "messages" if prepared.endpoint == "chat" else "prompt"
+            raise bad_request(str(cause), param=getattr(cause, "param", None) or default_param) from None
+        except NoReplicaAvailable as error:
+            raise APIError(503, str(error), code="no_healthy_endpoint", retry_after_s=self._retry_after_s) from None
+        except EngineUnavailableError as error:
+            if is_overload(error):
+                raise APIError(503, str(error) if "retry" in str(error) else
+                               "All engine replicas for this model are at their limit; retry after the indicated "
+                               "delay.", code="engine_overloaded", retry_after_s=self._retry_after_s) from None
+            raise APIError(503, str(error), retry_after_s=self._retry_after_s) from None
+
+    def _response(
+        self, prepared: PreparedRequest, reply: EngineReply, started: float, release: Callable[[str], None]
+    ) -> GatewayResponse:
+        metrics, name = self.metrics, prepared.model.name
+        if reply.stream:
+            metrics.ttft.labels(name).observe(time.monotonic() - started)
+
+        def closed(reply: EngineReply, outcome: str) -> None:
+            if outcome == "200":
+                metrics.e2e.labels(name).observe(time.monotonic() - started)
+            usage = reply.usage or {}
+            prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            if prompt_tokens:
+                metrics.prompt_tokens.labels(name).inc(prompt_tokens)
+                details = usage.get("prompt_tokens_details") or {}
+                metrics.cached_prompt_tokens.labels(name).inc(int(details.get("cached_tokens") or 0))
+            metrics.generation_tokens.labels(name).inc(int(usage.get("completion_tokens") or 0))
+            release(outcome)
+
+        return GatewayResponse(request_id=prepared.request_id, media_type=reply.media_type, first=reply.first,
+                               stream=reply.stream, _reply=reply, _on_close=closed)
+
+    def _count_refusal(self, endpoint: Endpoint, body: Any, error: APIError) -> None:
+        requested = body.get("model") if isinstance(body, dict) else None
+        label = requested if isinstance(requested, str) and requested in self.models else "unknown"
+        self.metrics.requests.labels(label, endpoint, str(error.status_code)).inc()
+
+    # -- the handle API (Python batch jobs): the same answers, as dicts ------------------------
+
+    async def create(self, endpoint: Endpoint, body: dict[str, Any]) -> dict[str, Any]:
+        response = await self.open(endpoint, {**body, "stream": False})
+        try:
+            return json.loads(response.first)
+        finally:
+            await response.aclose()
+
+    async def stream(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        response = await self.open(endpoint, {**body, "stream": True})
+        try:
+            for chunk in _events(response.first):
+                yield chunk
+            async for data in response.rest():
+                for chunk in _events(data):
+                    if "error" in chunk:
+                        error = chunk["error"]
+                        raise APIError(503, str(error.get("message")), retry_after_s=self._retry_after_s)
+                    yield chunk
+        finally:
+            await response.aclose()
+
+
+def forward_body(prepared: PreparedRequest) -> dict[str, Any]:
+    """The client's body as the engine gets it: the engine's name for the model, and a stream's usage
+    always on (the gateway reads it for its metrics, and drops it if the client did not ask)."""
+    body = dict(prepared.body)
+    body["model"] = prepared.model.served_name
+    if prepared.stream:
+        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+    return body
+
+
+def _events(data: bytes) -> list[dict[str, Any]]:
+    chunks = []
+    for event in data.split(b"\n\n"):
+        event = event.strip()
+        if event.startswith(b"data:"):
+            payload = event[5:].strip()
+            if payload and payload != b"[DONE]":
+                chunks.append(json.loads(payload))
+    return chunks

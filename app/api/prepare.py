@@ -1,0 +1,336 @@
+"""Turns an OpenAI request body into what routing and engines need, once, before any engine is called.
+
+Two steps, so that admission can sit between them: `validate` (schema, model, refused options: cheap,
+microseconds) and `prepare` (the prompt's tokens and block keys: the heavy part). A prompt that cannot
+fit the context is refused from a bound on its length before it is tokenized, and large prompts are
+tokenized off the event loop, so one huge body never stalls the requests around it. Every failure is
+an APIError with the status a client can act on. Knows nothing of HTTP or Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from app.api.errors import APIError, bad_request, invalid_field
+from app.api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, ModelCard, ModelList
+from app.engines.protocol import EngineRequest, SamplingParams
+from app.router.hashing import BlockHasher, get_hasher
+from app.router.models import ModelEntry, ModelRegistry, UnknownModelError
+from app.router.text_keys import ApproximateBlockKeys, chat_key_text
+from app.tokenizer import PromptTokenizer, TemplateError
+
+Endpoint = Literal["chat", "completions"]
+ENDPOINT_PATHS: dict[str, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/completions
+
+OFF_LOOP_TOKENIZE_CHARS = 32_768
+"""Prompts longer than this are tokenized in a worker thread (the tokenizer's batch call releases the
+GIL), so a long prompt costs the event loop nothing while other requests are being served."""
+
+
+@dataclass
+class ServedModel:
+    name: str
+    tokenizer: PromptTokenizer | None
+    """None: the servers tokenize (external servers without a configured tokenizer); prompts go to
+    them as text and the router keys them by `text_keys` instead of the servers' block hashes."""
+    engine: Any
+    """What serves it: an engine client (engine-side OpenAI servers) or a relay client (the gateway)."""
+    max_model_len: int
+    block_size: int
+    hasher: BlockHasher = field(default_factory=get_hasher)
+    """The engines' block-hash function, so the router's keys equal the engines' own."""
+    aliases: tuple[str, ...] = ()
+    include_prompt_text: bool = False
+    """Send the prompt text along (only Ray's PrefixCacheAffinityRouter baseline reads it)."""
+    created: int = field(default_factory=lambda: int(time.time()))
+    text_keys: ApproximateBlockKeys | None = None
+    engine_model_name: str | None = None
+    """The name the engines know the model by, when it differs from `name`."""
+
+    def __post_init__(self) -> None:
+        if self.tokenizer is None and self.text_keys is None:
+            raise ValueError(f"model {self.name!r} has no tokenizer: give the text_keys its router keys on")
+
+    @property
+    def approximate_keys(self) -> bool:
+        return self.tokenizer is None
+
+    @property
+    def served_name(self) -> str:
+        return self.engine_model_name or self.name
+
+    @cached_property
+    def max_chars_per_token(self) -> int:
+        """No token covers more characters than this, so a text of n characters has at least
+        n / this many tokens: the bound that refuses an oversized prompt before tokenizing it. Twice
+        the longest token, because a normalizer may compose characters before tokenizing."""
+        return 2 * self.tokenizer.max_token_chars if self.tokenizer is not None else 64
+
+
+@dataclass
+class Validated:
+    """A request that passed the cheap checks: its schema, its model, the options it uses."""
+
+    endpoint: Endpoint
+    body: dict[str, Any]
+    request: ChatCompletionRequest | CompletionRequest
+    model: ServedModel
+
+    @property
+    def stream(self) -> bool:
+        return self.request.stream
+
+
+@dataclass
+class PreparedRequest:
+    endpoint: Endpoint
+    model: ServedModel
+    engine_request: EngineRequest
+    include_usage: bool
+    body: dict[str, Any] = field(default_factory=dict)
+    """The client's body as it arrived (validated)."""
+    stream: bool = False
+    wants_logprobs: bool = False
+    return_token_ids: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def request_id(self) -> str:
+        return self.engine_request.request_id
+
+
+class RequestPreparer:
+    """Validation, model resolution, tokenization and routing keys for a set of served models."""
+
+    def __init__(self, models: Sequence[ServedModel]) -> None:
+        self.models = {model.name: model for model in models}
+        self._registry = ModelRegistry(ModelEntry(m.name, m.aliases) for m in models)
+
+    def model_list(self) -> ModelList:
+        return ModelList(data=[
+            ModelCard(id=m.name, created=m.created, max_model_len=m.max_model_len, aliases=list(m.aliases))
+            for m in self.models.values()
+        ])
+
+    def resolve(self, requested: str) -> ServedModel:
+        try:
+            return self.models[self._registry.resolve(requested)]
+        except UnknownModelError as error:
+            raise APIError(
+                404,
+                f"The model {error.requested!r} does not exist. Served models: {', '.join(error.available)}.",
+                param="model",
+                code="model_not_found",
+            ) from None
+
+    def validate(self, endpoint: Endpoint, body: Any) -> Validated:
+        request_type = ChatCompletionRequest if endpoint == "chat" else CompletionRequest
+        try:
+            request = request_type.model_validate(body)
+        except ValidationError as error:
+            raise invalid_field(error.errors()) from None
+        model = self.resolve(request.model)
+        if isinstance(request, ChatCompletionRequest):
+            _reject_unsupported_chat(request)
+        else:
+            _reject_unsupported_completion(request)
+        if request.n != 1:
+            raise bad_request("only n=1 is supported; send one request per choice", param="n")
+        return Validated(endpoint, body, request, model)
+
+    async def prepare(self, validated: Validated) -> PreparedRequest:
+        """Tokens, keys and the engine request (tokenizing off the loop when the prompt is long)."""
+        endpoint, model, request = validated.endpoint, validated.model, validated.request
+        messages: list[dict[str, str]] | None = None
+        text: str | None = None
+        if isinstance(request, ChatCompletionRequest):
+            messages = _text_messages(request.messages)
+            if model.tokenizer is not None:
+                self._check_bound(model, sum(len(m["content"]) for m in messages), "messages")
+                prompt = await _tokenize(lambda: _chat_prompt(model, messages), _chars(messages))
+            else:
+                prompt = []
+            max_tokens = request.max_completion_tokens or request.max_tokens
+            logprobs = (request.top_logprobs or 0) if request.logprobs else None
+        else:
+            completion_prompt = await self._completion_prompt(model, request.prompt)
+            prompt, text = ([], completion_prompt) if isinstance(completion_prompt, str) else (completion_prompt, None)
+            max_tokens = request.max_tokens or (
+                DEFAULT_COMPLETION_MAX_TOKENS if text is not None
+                else min(DEFAULT_COMPLETION_MAX_TOKENS, max(model.max_model_len - len(prompt), 1))
+            )
+            logprobs = request.logprobs
+        if prompt or model.tokenizer is not None:
+            max_tokens = _check_length(model, len(prompt), max_tokens)
+            block_hashes = model.hasher.block_hashes(prompt, model.block_size)
+            estimate, chat_messages = None, None
+        else:
+            # The servers tokenize: they check the length, and the router keys on the text.
+            assert model.text_keys is not None
+            key_text = chat_key_text(messages or []) if text is None else text
+            block_hashes = model.text_keys.block_keys(key_text)
+            estimate = model.text_keys.estimate_tokens(key_text)
+            chat_messages = messages  # None for a completion: its text goes as `prompt`
+        engine_request = EngineRequest(
+            request_id=f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
+            model=model.name,
+            prompt_token_ids=prompt,
+            block_hashes=block_hashes,
+            chat_messages=chat_messages,
+            prompt_tokens_estimate=estimate,
+            prompt=text if text is not None else (_prompt_text(request) if model.include_prompt_text else None),
+            sampling=SamplingParams(
+                max_tokens=max_tokens,
+                temperature=request.temperature,
+                top_p=request.top_p,
+                seed=request.seed,
+                stop=request.stop_strings,
+                stop_token_ids=request.stop_token_ids or [],
+                ignore_eos=request.ignore_eos,
+                logprobs=logprobs,
+            ),
+            priority=request.priority,
+            kv_transfer_params=request.kv_transfer_params,
+        )
+        return PreparedRequest(
+            endpoint, model, engine_request, include_usage=request.include_usage, body=validated.body,
+            stream=request.stream, wants_logprobs=logprobs is not None,
+            return_token_ids=endpoint == "completions" and request.return_token_ids,
+        )
+
+    async def _completion_prompt(
+        self, model: ServedModel, prompt: str | list[int] | list[str] | list[list[int]]
+    ) -> list[int] | str:
+        """Token ids, or the text itself when the servers tokenize (no tokenizer here)."""
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            if model.tokenizer is None:
+                if not prompt:
+                    raise bad_request("the prompt is empty", param="prompt")
+                return prompt
+            self._check_bound(model, len(prompt), "prompt")
+            tokenizer = model.tokenizer
+            return await _tokenize(lambda: tokenizer.encode(prompt), len(prompt))
+        if not prompt or not all(isinstance(token, int) for token in prompt):
+            raise bad_request(
+                "batched prompts are not supported; send one request per prompt", param="prompt"
+            )
+        if model.tokenizer is None:
+            return list(prompt)  # type: ignore[arg-type]  # the server checks its vocabulary
+        vocab = model.tokenizer.vocab_size
+        bad = next((token for token in prompt if not 0 <= token < vocab), None)  # type: ignore[operator]
+        if bad is not None:
+            raise bad_request(f"token id {bad} is outside the vocabulary (size {vocab})", param="prompt")
+        return list(prompt)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _check_bound(model: ServedModel, num_chars: int, param: str) -> None:
+        """Refuse a prompt that cannot fit the context whatever its tokens, without tokenizing it."""
+        at_least = -(-num_chars // model.max_chars_per_token)
+        if at_least >= model.max_model_len:
+            raise bad_request(
+                f"This model's maximum context length is {model.max_model_len} tokens. However, your prompt "
+                f"has at least {at_least} tokens ({num_chars} characters). Please shorten the prompt.",
+                param=param,
+                code="context_length_exceeded",
+            )
+
+
+def _chars(messages: list[dict[str, str]]) -> int:
+    return sum(len(message["content"]) for message in messages)
+
+
+async def _tokenize(encode: Any, num_chars: int) -> list[int]:
+    if num_chars <= OFF_LOOP_TOKENIZE_CHARS:
+        return encode()
+    return await asyncio.to_thread(encode)
+
+
+def _chat_prompt(model: ServedModel, messages: list[dict[str, str]]) -> list[int]:
+    assert model.tokenizer is not None
+    try:
+        return model.tokenizer.encode_chat(messages)
+    except TemplateError as error:
+        raise bad_request(f"the chat template rejected the messages: {error}", param="messages") from None
+
+
+def _check_length(model: ServedModel, num_prompt_tokens: int, max_tokens: int | None) -> int:
+    limit = model.max_model_len
+    if num_prompt_tokens >= limit:
+        raise bad_request(
+            f"This model's maximum context length is {limit} tokens. However, your prompt has "
+            f"{num_prompt_tokens} tokens. Please shorten the prompt.",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    if max_tokens is None:
+        return limit - num_prompt_tokens
+    if num_prompt_tokens + max_tokens > limit:
+        raise bad_request(
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, {max_tokens} "
+            "for the completion). Please reduce the prompt or max_tokens.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    return max_tokens
+
+
+def _text_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """The conversation as role/content strings (text parts joined); other parts are refused."""
+    rendered: list[dict[str, str]] = []
+    for index, message in enumerate(messages):
+        content = message.content
+        if isinstance(content, list):
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise bad_request(
+                        f"messages[{index}]: content parts of type {part.type!r} are not supported; "
+                        "this model takes text only",
+                        param=f"messages.{index}.content",
+                    )
+            content = "\n".join(part.text or "" for part in content)
+        rendered.append({"role": message.role, "content": content or ""})
+    return rendered
+
+
+def _reject_unsupported_chat(request: ChatCompletionRequest) -> None:
+    if request.top_logprobs is not None and not request.logprobs:
+        raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
+    if request.tools:
+        raise bad_request("tool calling is not supported by this gateway yet", param="tools")
+    if request.response_format and request.response_format.get("type", "text") != "text":
+        raise bad_request("only response_format type 'text' is supported", param="response_format")
+
+
+def _reject_unsupported_completion(request: CompletionRequest) -> None:
+    if request.echo:
+        raise bad_request("echo is not supported by this gateway yet", param="echo")
+    if request.suffix:
+        raise bad_request("suffix is not supported", param="suffix")
+    if request.best_of not in (None, 1):
+        raise bad_request("only best_of=1 is supported", param="best_of")
+
+
+def _prompt_text(request: ChatCompletionRequest | CompletionRequest) -> str:
+    """The text Ray's PrefixCacheAffinityRouter matches on: the prompt, or the messages' contents."""
+    if isinstance(request, CompletionRequest):
+        return request.prompt if isinstance(request.prompt, str) else ""
+    parts: list[str] = []
+    for message in request.messages:
+        content = message.content
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            parts.extend(getattr(part, "text", "") or "" for part in content)
+    return "".join(parts)
