@@ -240,7 +240,10 @@ class ClusterStateConfig(_Strict):
         default=1.0, gt=0, description="A replica with nothing new still reports this often (it stays a candidate)."
     )
     sync_interval_s: float = Field(
-        default=0.05, gt=0, description="The least time between an ingress replica's syncs of its local snapshot."
+        default=0.2, gt=0,
+        description="The least time between an ingress replica's syncs of its local snapshot (each also carries "
+        "its routing-time guesses to the other ingress replicas). Until a sync confirms them, a router routes "
+        "on its own guesses, so a longer interval costs little accuracy and saves control traffic.",
     )
     sync_wait_s: float = Field(
         default=1.0, ge=0,

@@ -8,6 +8,9 @@ BOS/EOS) without importing `transformers`, which keeps replicas light and fast t
 from __future__ import annotations
 
 import json
+import logging
+import re
+from collections import OrderedDict
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -20,8 +23,87 @@ BUILTIN_TOKENIZER_DIR = Path(__file__).parent / "assets" / "tiny-tokenizer"
 """The small byte-level BPE tokenizer this project builds itself (see app/tokenizer_build.py)."""
 
 
+logger = logging.getLogger(__name__)
+
+SEGMENT_CACHE_ENTRIES = 1024
+"""Text segments (what lies between special tokens) kept with their token ids."""
+MIN_CACHED_SEGMENT_CHARS = 128
+LONG_TEXT_CHARS = 16_384
+"""Texts longer than this go through the tokenizer's batch call, which releases the GIL while it works
+(its single-text call does not): a long prompt tokenized in a worker thread then leaves the event loop
+free to serve everyone else."""
+SELF_CHECK_EVERY = 1000
+"""One in this many cached encodings is checked against a full encode (and the cache turned off if
+they ever differ), so a tokenizer whose special tokens do not split text cleanly is caught."""
+
+
 class TemplateError(ValueError):
     """The chat template could not render the given messages."""
+
+
+def _encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    if len(text) > LONG_TEXT_CHARS:
+        return tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+
+class SegmentCache:
+    """Token ids of text segments between special tokens, for texts that repeat (system prompts).
+
+    A Hugging Face tokenizer splits its input on added tokens before it normalizes and pre-tokenizes,
+    so the text between two special tokens is tokenized on its own: a chat prompt's tokens are its
+    segments' tokens joined by the special tokens' ids, and a segment seen before need not be
+    tokenized again. It applies only where that holds exactly: special tokens that match raw text
+    and take no whitespace with them (no lstrip, rstrip, single_word or normalized flag).
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        specials = {token.content: token_id for token_id, token in tokenizer.get_added_tokens_decoder().items()
+                    if token.special}
+        self._tokenizer = tokenizer
+        self._special_ids = specials
+        pattern = "|".join(re.escape(content) for content in sorted(specials, key=len, reverse=True))
+        self._split = re.compile(f"({pattern})") if pattern else None
+        self._cache: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self._count = 0
+        self.enabled = self._split is not None
+
+    @staticmethod
+    def applies_to(tokenizer: Tokenizer) -> bool:
+        return all(not (token.lstrip or token.rstrip or token.single_word or token.normalized)
+                   for token in tokenizer.get_added_tokens_decoder().values() if token.special)
+
+    def encode(self, text: str) -> list[int]:
+        assert self._split is not None
+        ids: list[int] = []
+        for index, part in enumerate(self._split.split(text)):
+            if index % 2:
+                ids.append(self._special_ids[part])
+            elif part:
+                ids.extend(self._segment(part))
+        self._count += 1
+        if self._count % SELF_CHECK_EVERY == 1:
+            expected = _encode(self._tokenizer, text, False)
+            if expected != ids:
+                self.enabled = False
+                self._cache.clear()
+                logger.warning("this tokenizer does not split text cleanly at its special tokens: chat prompts are "
+                               "tokenized whole from now on (slower, same keys)")
+                return expected
+        return ids
+
+    def _segment(self, text: str) -> tuple[int, ...] | list[int]:
+        if len(text) < MIN_CACHED_SEGMENT_CHARS or len(text) > LONG_TEXT_CHARS:
+            return _encode(self._tokenizer, text, False)  # too short to be worth it, or too long to keep
+        cache = self._cache
+        ids = cache.get(text)
+        if ids is not None:
+            cache.move_to_end(text)
+            return ids
+        ids = cache[text] = tuple(_encode(self._tokenizer, text, False))
+        if len(cache) > SEGMENT_CACHE_ENTRIES:
+            cache.popitem(last=False)
+        return ids
 
 
 class PromptTokenizer:
@@ -35,6 +117,7 @@ class PromptTokenizer:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise_template_error
         self._chat_template = env.from_string(template) if template else None
+        self._segments = SegmentCache(tokenizer) if SegmentCache.applies_to(tokenizer) else None
 
     @classmethod
     def from_dir(cls, path: str | Path) -> PromptTokenizer:
@@ -64,7 +147,7 @@ class PromptTokenizer:
         return frozenset(idx for idx, token in decoder.items() if token.special)
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        return _encode(self._tokenizer, text, add_special_tokens)
 
     def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
@@ -82,6 +165,8 @@ class PromptTokenizer:
     def encode_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> list[int]:
         # The template writes BOS itself, so the post-processor must not add a second one.
         text = self.render_chat(messages, add_generation_prompt=add_generation_prompt)
+        if self._segments is not None and self._segments.enabled:
+            return self._segments.encode(text)
         return self.encode(text, add_special_tokens=False)
 
 

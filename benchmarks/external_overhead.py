@@ -2,15 +2,15 @@
 through the gateway as an external engine.
 
     .venv/bin/python -m app.tiny_model models/tiny-llama
-    .venv/bin/python benchmarks/external_overhead.py --server vllm                   # Serve HTTP proxy
-    .venv/bin/python benchmarks/external_overhead.py --server vllm --direct-ingress  # no proxy (README)
+    .venv/bin/python benchmarks/external_overhead.py --server vllm                 # the gateway's listener
+    .venv/bin/python benchmarks/external_overhead.py --server vllm --path proxy    # Serve's HTTP proxy
     .venv/bin/python benchmarks/external_overhead.py --server sim
 
 One server started by hand, as a user would: real vLLM on CPU with the tiny test model (`vllm`), or
 the project's simulated vLLM server in real time (`sim`). The gateway knows it as an external engine
-under two model names: `exact`, with the model's tokenizer (the gateway tokenizes, sends token ids
-to /v1/completions, keys prefixes exactly), and `approximate`, without (the messages go to the
-server's /v1/chat/completions, approximate keys). The same streaming chat request goes to the three
+under two model names: `exact`, with the model's tokenizer (the gateway tokenizes to key prefixes
+exactly), and `approximate`, without (approximate keys); either way the client's body goes to the
+server's own route. The same streaming chat request goes to the three
 targets in a closed loop, alternating rounds at each concurrency.
 """
 
@@ -87,10 +87,10 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--rounds", type=int, default=2, help="alternate the targets this many times")
-    parser.add_argument("--direct-ingress", action="store_true",
-                        help="clients call the ingress replica's own HTTP server, no Serve proxy (README)")
+    parser.add_argument("--path", choices=["listen", "proxy"], default="listen",
+                        help="clients reach the gateway on its own listener (default) or through Serve's proxy")
     args = parser.parse_args()
-    vllm_overhead.DIRECT_INGRESS = args.direct_ingress
+    vllm_overhead.PATH = args.path
 
     from app.tokenizer import BUILTIN_TOKENIZER_DIR
 

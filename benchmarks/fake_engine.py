@@ -6,6 +6,7 @@ with a static vLLM-like page (idle load, cache geometry); GET /health. Pre-built
 a raw asyncio protocol: the servers cost little CPU, so the machine's cores go to what is measured.
 
     .venv/bin/python benchmarks/fake_engine.py --ports 9101,9102 --tokens 64 --itl-ms 5
+    .venv/bin/python benchmarks/fake_engine.py --count 64      # free ports, printed as a JSON list
 """
 
 from __future__ import annotations
@@ -111,14 +112,18 @@ class FakeEngine(asyncio.Protocol):
 async def serve(args: argparse.Namespace) -> None:
     streams = {"chat": _stream(args.model, args.tokens, True), "completions": _stream(args.model, args.tokens, False)}
     loop = asyncio.get_running_loop()
-    servers = [await loop.create_server(lambda: FakeEngine(args, streams), "127.0.0.1", int(port), backlog=4096)
-               for port in args.ports.split(",")]
+    ports = [int(port) for port in args.ports.split(",")] if args.ports else [0] * args.count
+    servers = [await loop.create_server(lambda: FakeEngine(args, streams), "127.0.0.1", port, backlog=4096)
+               for port in ports]
+    # The ports actually bound (port 0 asks the kernel for a free one), for whoever started us.
+    print(json.dumps([server.sockets[0].getsockname()[1] for server in servers]), flush=True)
     await asyncio.gather(*(server.serve_forever() for server in servers))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ports", required=True, help="comma separated")
+    p.add_argument("--ports", help="comma separated")
+    p.add_argument("--count", type=int, default=1, help="without --ports: this many servers on free ports")
     p.add_argument("--model", default="sim-llama")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--ttft-ms", type=float, default=1.0)

@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/gateway_overhead.py [--requests 200] [--max-tokens 32]
 
 Target A: the standalone simulated engine server (`python -m app.engines.simulated`), one engine.
-Target B: the gateway (Serve HTTP proxy -> ingress -> handle -> one engine replica), same engine settings.
+Target B: the gateway (its ingress replica's own listener -> the engine replica's simulated server, the
+default path), same engine settings.
 Both run in real time (time_scale 1), so engine work is identical; the difference is the gateway.
 """
 
@@ -73,11 +74,12 @@ def main() -> None:
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        config = parse_gateway_config({"models": [{"name": "sim-llama", "deployment": {"num_replicas": 1}}]})
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+        config = parse_gateway_config({"models": [{"name": "sim-llama", "deployment": {"num_replicas": 1}}],
+                                       "ingress": {"listen": {"host": "127.0.0.1", "port": port}}})
         serve.run(build_gateway(config), name="gateway", route_prefix="/")
         wait_until_ready(f"http://127.0.0.1:{port}/v1/models")
-        asyncio.run(_measure("gateway (Serve)", f"http://127.0.0.1:{port}", args))
+        asyncio.run(_measure("gateway", f"http://127.0.0.1:{port}", args))
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -37,13 +37,16 @@ from tests.helpers import free_port, wait_until_ready
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def start_fake(ports: list[int], tokens: int, itl_ms: float) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "fake_engine.py"),
-                                "--ports", ",".join(map(str, ports)), "--tokens", str(tokens),
-                                "--itl-ms", str(itl_ms)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start_fake(count: int, tokens: int, itl_ms: float) -> tuple[subprocess.Popen, list[int]]:
+    """`count` fake servers on free ports (they bind them and say which)."""
+    process = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "fake_engine.py"), "--count", str(count),
+                                "--tokens", str(tokens), "--itl-ms", str(itl_ms)],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert process.stdout is not None
+    ports = json.loads(process.stdout.readline())
     for port in ports:
         wait_until_ready(f"http://127.0.0.1:{port}/health", timeout_s=30)
-    return process
+    return process, ports
 
 
 def start_gateway(ports: list[int], listen_port: int, replicas: int) -> subprocess.Popen:
@@ -81,10 +84,19 @@ def bodies(count: int, tokens: int) -> list[bytes]:
 
 
 def measure(url: str, load: list[bytes], rate: float, duration_s: float, pids: set[int],
-            ingress_marker: str) -> dict:
+            ingress_marker: str, profile: str | None = None) -> dict:
     before = proc_cpu.snapshot()
+    spy = None
+    if profile:
+        ingress = next(pid for pid in proc_cpu.descendants(before, pids)
+                       if ingress_marker in before.processes[pid].name)
+        spy = subprocess.Popen(["py-spy", "record", "--pid", str(ingress), "--duration", str(int(duration_s * 0.8)),
+                                "--rate", "250", "--gil", "--format", "raw", "-o", profile],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     result = asyncio.run(raw_load.run(url, load, rate, duration_s))
     after = proc_cpu.snapshot()
+    if spy is not None:
+        spy.wait()
     row = {"rate": rate, **result.summary()}
     if pids:
         ours = proc_cpu.descendants(after, pids) | proc_cpu.descendants(before, pids)
@@ -107,10 +119,11 @@ def main() -> None:
     p.add_argument("--ingress-replicas", type=int, default=1)
     p.add_argument("--json")
     p.add_argument("--plot", help="write a PNG of added TTFT and ingress CPU against the offered rate")
+    p.add_argument("--py-spy", metavar="DIR",
+                   help="profile the ingress replica at each rate with py-spy (on PATH): DIR/ingress-RATE.txt")
     args = p.parse_args()
 
-    ports = [free_port() for _ in range(args.servers)]
-    fake = start_fake(ports, args.tokens, args.itl_ms)
+    fake, ports = start_fake(args.servers, args.tokens, args.itl_ms)
     listen_port = free_port()
     gateway = None
     rows: list[dict] = []
@@ -122,7 +135,9 @@ def main() -> None:
         for rate in [float(r) for r in args.rates.split(",")]:
             direct = measure(f"http://127.0.0.1:{ports[0]}/v1/chat/completions", load, rate, args.duration_s,
                              set(), "")
-            ours = measure(gateway_url, load, rate, args.duration_s, {gateway.pid}, "ServeReplica:gateway:ingress")
+            profile = f"{args.py_spy}/ingress-{rate:g}.txt" if args.py_spy else None
+            ours = measure(gateway_url, load, rate, args.duration_s, {gateway.pid}, "ServeReplica:gateway:ingress",
+                           profile)
             row = {"rate": rate, "ingress_replicas": args.ingress_replicas, "direct": direct, "gateway": ours,
                    "added_ttft_p50_ms": ours["ttft_p50_ms"] - direct["ttft_p50_ms"],
                    "added_ttft_p90_ms": ours["ttft_p90_ms"] - direct["ttft_p90_ms"]}

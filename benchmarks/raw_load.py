@@ -144,3 +144,32 @@ async def run(url: str, bodies: list[bytes], rate: float, duration_s: float, *, 
         if connection.transport is not None:
             connection.transport.close()
     return result
+
+
+async def closed(url: str, body: bytes, concurrency: int, duration_s: float) -> Result:
+    """`concurrency` clients on keep-alive connections, each sending its next request when the previous
+    answer is complete, for `duration_s`."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    request = (b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+               % (parts.path.encode(), parts.netloc.encode(), len(body), body))
+    loop = asyncio.get_running_loop()
+    result = Result()
+    stop = time.perf_counter() + duration_s
+
+    async def client() -> None:
+        pool: list[_Connection] = []
+        while time.perf_counter() < stop:
+            connection = pool.pop() if pool and not pool[-1].closed else None
+            if connection is None:
+                _, connection = await loop.create_connection(lambda: _Connection(pool), host, port)
+            result.sent += 1
+            await connection.send(request, result)
+        for connection in pool:
+            if connection.transport is not None:
+                connection.transport.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    result.wall_s = time.perf_counter() - started
+    return result

@@ -153,6 +153,20 @@ def start_binary_router(kind: str, policy: str, servers: list[SimServer], venv: 
     return RunningRouter([base], stop, {process.pid})
 
 
+OURS_SETTINGS: list[tuple[str, object]] = []
+"""--ours-set PATH=JSON: settings of ours' application args, e.g. cluster_state.sync_interval_s=0.2."""
+
+
+def _apply_settings(args: dict, settings: list[tuple[str, object]]) -> dict:
+    for path, value in settings:
+        target = args
+        *parents, leaf = path.split(".")
+        for key in parents:
+            target = target[int(key)] if isinstance(target, list) else target.setdefault(key, {})
+        target[leaf] = value
+    return args
+
+
 def our_app_args(servers: list[SimServer], policy: str, *, tokenizer: bool) -> dict:
     from app.tokenizer import BUILTIN_TOKENIZER_DIR
 
@@ -163,15 +177,19 @@ def our_app_args(servers: list[SimServer], policy: str, *, tokenizer: bool) -> d
     }
     if tokenizer:
         model["tokenizer"] = str(BUILTIN_TOKENIZER_DIR)
-    return {"models": [model], "routing": {"policy": policy}}
+    return _apply_settings({"models": [model], "routing": {"policy": policy}}, OURS_SETTINGS)
 
 
-def our_config_file(servers: list[SimServer], policy: str, port: int, path: str, *, tokenizer: bool) -> Path:
-    """The gateway's own listener on `port` (path `listen`, the default), or Serve's proxy there (`proxy`)."""
+def our_config_file(servers: list[SimServer], policy: str, port: int, path: str, *, tokenizer: bool,
+                    legacy: bool = False) -> Path:
+    """The gateway's own listener on `port` (path `listen`, the default), or Serve's proxy there (`proxy`).
+    `legacy`: an older checkout of the gateway (no `ingress.listen` key), through Serve's proxy."""
     args = our_app_args(servers, policy, tokenizer=tokenizer)
-    if path == "listen":
+    if legacy:
+        serve: dict = {"proxy_location": "EveryNode", "http_options": {"host": "127.0.0.1", "port": port}}
+    elif path == "listen":
         args["ingress"] = {"listen": {"host": "127.0.0.1", "port": port}}
-        serve: dict = {"proxy_location": "Disabled"}
+        serve = {"proxy_location": "Disabled"}
     elif path == "proxy":
         args["ingress"] = {"listen": None}
         serve = {"proxy_location": "EveryNode", "http_options": {"host": "127.0.0.1", "port": port}}
@@ -196,13 +214,18 @@ def _registered_servers(base: str) -> int:
                if line.startswith("gateway_replica_load{") and 'signal="inflight"' in line)
 
 
-def start_our_gateway(servers: list[SimServer], policy: str, path: str, *, tokenizer: bool) -> RunningRouter:
-    """`scripts/run-local.sh FILE`, exactly as the README starts the gateway."""
+def start_our_gateway(servers: list[SimServer], policy: str, path: str, *, tokenizer: bool,
+                      root: Path = ROOT) -> RunningRouter:
+    """`scripts/run-local.sh FILE`, exactly as the README starts the gateway (from `root`: another checkout
+    of it, with this one's .venv linked in, for before-and-after runs)."""
     port = free_port()
-    config = our_config_file(servers, policy, port, path, tokenizer=tokenizer)
+    legacy = root.resolve() != ROOT
+    config = our_config_file(servers, policy, port, path, tokenizer=tokenizer, legacy=legacy)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    if legacy:
+        env["PYTHONPATH"] = str(root)  # ahead of this checkout's editable install, in every Ray worker too
     log = open(config.with_suffix(".log"), "wb")  # kept open for the run's lifetime
-    process = subprocess.Popen([str(ROOT / "scripts" / "run-local.sh"), str(config)], cwd=ROOT, env=env,
+    process = subprocess.Popen([str(root / "scripts" / "run-local.sh"), str(config)], cwd=root, env=env,
                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
 
@@ -229,7 +252,7 @@ def start_router(spec: str, servers: list[SimServer], args: argparse.Namespace) 
         return RunningRouter([server.url for server in servers], lambda: None)
     if kind == "ours":
         return start_our_gateway(servers, policy, rest[0] if rest else args.ours_path,
-                                 tokenizer=not args.ours_approximate)
+                                 tokenizer=not args.ours_approximate, root=args.ours_root)
     return start_binary_router(kind, policy, servers, args.routers_venv)
 
 
@@ -289,6 +312,24 @@ async def run_multi_turn(urls: list[str], sessions: int, turns: int, rate: float
 
 
 # -- the report --------------------------------------------------------------------------------
+
+
+def start_profiles(folder: str, router: str, running: RunningRouter, snap: proc_cpu.Snapshot,
+                   args: argparse.Namespace) -> list[subprocess.Popen]:
+    """py-spy on ours' ingress replica and Serve proxy for most of the load (a shared-prefix run lasts
+    about groups x prompts / rate seconds)."""
+    duration = max(5, int(0.7 * args.groups * args.prompts_per_group / args.rate))
+    spies = []
+    for pid in proc_cpu.descendants(snap, running.pids):
+        name = snap.processes[pid].name
+        for marker, label in (("ServeReplica:gateway:ingress", "ingress"), ("ProxyActor", "proxy"),
+                              ("ClusterStateActor", "state-actor"), ("ServeReplica:gateway:endpoints", "watcher")):
+            if name.startswith("ray::") and marker in name:
+                out = Path(folder) / f"{router.replace(':', '-')}-{label}-{pid}.txt"
+                spies.append(subprocess.Popen(
+                    ["py-spy", "record", "--pid", str(pid), "--duration", str(duration), "--rate", "200", "--gil",
+                     "--format", "raw", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return spies
 
 
 def cpu_report(before: proc_cpu.Snapshot, after: proc_cpu.Snapshot, router: RunningRouter,
@@ -365,7 +406,17 @@ def main() -> None:
     p.add_argument("--ours-approximate", action="store_true",
                    help="ours without the model's tokenizer: approximate text keys, the servers tokenize")
     p.add_argument("--repeat", type=int, default=1, help="run the list of routers this many times over")
+    p.add_argument("--ours-set", action="append", default=[], metavar="PATH=JSON",
+                   help="a setting of ours' application args, e.g. models.0.engine.scrape_interval_s=0.5")
+    p.add_argument("--ours-root", type=Path, default=ROOT,
+                   help="ours from another checkout (e.g. a git worktree of an older commit, with .venv linked)")
+    p.add_argument("--py-spy", metavar="DIR", help="profile ours' ingress (and Serve's proxy, if running) during "
+                   "the load with py-spy (on PATH): DIR/<router>-<process>.txt, raw stacks holding the GIL; also the "
+                   "state actor and the endpoint watcher")
     args = p.parse_args()
+    for setting in args.ours_set:
+        key, _, value = setting.partition("=")
+        OURS_SETTINGS.append((key, json.loads(value)))
 
     engine_config = Path(tempfile.mkdtemp()) / "engine.json"
     engine_config.write_text(json.dumps({"num_blocks": args.num_blocks, "max_num_seqs": args.max_num_seqs}))
@@ -379,6 +430,7 @@ def main() -> None:
                 try:
                     before = fleet_counters(servers)
                     cpu_before = proc_cpu.snapshot()
+                    spies = start_profiles(args.py_spy, router, running, cpu_before, args) if args.py_spy else []
                     if workload == "shared_prefix":
                         plan = shared_prefix(args.groups, args.prompts_per_group, args.system_words,
                                              args.question_words, args.rate, args.seed)
@@ -388,6 +440,8 @@ def main() -> None:
                             running.urls, args.sessions, args.turns, args.session_rate, args.opener_words,
                             args.user_words, args.think_s, args.max_tokens, args.seed))
                     cpu_after = proc_cpu.snapshot()
+                    for spy in spies:
+                        spy.wait()
                     row = summarize(router, workload, samples, wall_s, before, fleet_counters(servers), args.warmup)
                     row.update(cpu_report(cpu_before, cpu_after, running, servers, len(samples)))
                 finally:

@@ -137,7 +137,7 @@ def app_config(args: argparse.Namespace, policy: str) -> dict:
             "engine": engine,
             "deployment": {"num_replicas": args.replicas, "max_ongoing_requests": 1000},
         }],
-        "ingress": {"num_replicas": 1},
+        "ingress": {"num_replicas": 1, "listen": {"host": "127.0.0.1", "port": args.listen_port}},
         "routing": {"policy": policy},
     }
 
@@ -197,6 +197,7 @@ def main() -> None:
     p.add_argument("--json", help="append results to this JSON list")
     p.add_argument("--vllm-model", help="a model folder: real vLLM CPU engines instead of simulated ones")
     args = p.parse_args()
+    args.listen_port = free_port()  # each policy's app in turn listens here
     global MODEL
     if args.vllm_model:
         MODEL = "tiny-llama"
@@ -220,7 +221,7 @@ def main() -> None:
                 app = f"live-{policy.replace('_', '-')}-{int(rate * 10)}"
                 serve.run(build_gateway(parse_gateway_config(app_config(args, policy))), name=app,
                           route_prefix=f"/{app}")
-                base = f"http://127.0.0.1:{port}/{app}"
+                base = f"http://127.0.0.1:{args.listen_port}"  # the app's own listener
                 wait_until_ready(f"{base}/v1/models", timeout_s=120)
                 wait_for(lambda app=app: engines_registered(app) == args.replicas, timeout_s=300)
                 samples, wall_s = asyncio.run(run_open_loop(f"{base}/v1/chat/completions", workload,

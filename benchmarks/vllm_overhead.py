@@ -4,12 +4,13 @@
     .venv/bin/python benchmarks/vllm_overhead.py overhead --requests 100     # gateway vs vLLM direct
     .venv/bin/python benchmarks/vllm_overhead.py overhead --via-engine-replica   # ... the older path
     .venv/bin/python benchmarks/vllm_overhead.py split --requests 30          # the prefill/decode hop
-    .venv/bin/python benchmarks/vllm_overhead.py overhead --direct-ingress   # no Serve proxy (README)
+    .venv/bin/python benchmarks/vllm_overhead.py overhead --path proxy        # through Serve's HTTP proxy
 
 overhead: one engine replica; the same streaming chat request sent to its vLLM server directly
 (the server the replica manages, so the engine and its cache are identical) and through the gateway
-(Serve HTTP proxy -> ingress -> vLLM's server; with --via-engine-replica, Serve HTTP proxy -> ingress
--> engine replica -> vLLM), closed loop at each concurrency.
+(the ingress replica's own listener -> vLLM's server, the default path; `--path proxy`: Serve's HTTP
+proxy -> ingress -> vLLM's server; with --via-engine-replica, ... ingress -> engine replica -> vLLM),
+closed loop at each concurrency.
 
 split: two models in one app on the same weights, one mixed engine and a 1 prefill + 1 decode pair
 (`min_split_tokens: 0`, so every request splits); unique long prompts (no cache hits) one at a time;
@@ -55,25 +56,24 @@ def row(target: str, concurrency: int, s: dict[str, float]) -> str:
             f"{s['ttft_p99_ms']:.1f} | {s['itl_mean_ms']:.2f} | {s['e2e_p50_ms']:.1f} | {s['req_per_s']:.2f} |")
 
 
-DIRECT_INGRESS = False
-"""--direct-ingress: the gateway's direct-ingress mode (README), the Ray settings scripts/run-local.sh sets."""
+PATH = "listen"
+"""--path: how clients reach the gateway: `listen` (its ingress replica's own listener, the default) or
+`proxy` (Serve's HTTP proxy)."""
 
 
 def start(config: dict, replicas: int | None = None) -> int:
     """Starts the gateway and waits for `replicas` (default: the engine replicas the config runs) to
-    register; returns the port clients use: the Serve proxy's, or with --direct-ingress the ingress
-    replica's own."""
+    register; returns the port clients use (see PATH)."""
     import ray
     from ray import serve
 
-    from app.config import ServeConfigFile, direct_ingress_env, parse_gateway_config
+    from app.config import parse_gateway_config
     from app.deployments.builder import build_gateway
 
     port = free_port()
-    direct_port = free_port()
-    if DIRECT_INGRESS:  # before ray.init: Ray's processes read these when they start
-        file = ServeConfigFile.model_validate({"http_options": {"port": port}, "applications": [{"args": config}]})
-        os.environ.update(direct_ingress_env(file, direct_port))
+    listen_port = free_port()
+    ingress = config.setdefault("ingress", {})
+    ingress["listen"] = {"host": "127.0.0.1", "port": listen_port} if PATH == "listen" else None
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_gateway(parse_gateway_config(config)), name="gateway", route_prefix="/")
@@ -81,7 +81,7 @@ def start(config: dict, replicas: int | None = None) -> int:
         replicas = sum(2 if m.get("disaggregation") else m["deployment"]["num_replicas"] for m in config["models"])
     handle = serve.get_app_handle("gateway")
     assert wait_for(lambda: len(handle.routing_state.remote().result()["replicas"]) == replicas, timeout_s=300)
-    return direct_port if DIRECT_INGRESS else port
+    return listen_port if PATH == "listen" else port
 
 
 def stop() -> None:
@@ -172,13 +172,13 @@ def main() -> None:
     parser.add_argument("--via-engine-replica", action="store_true",
                         help="overhead: stream through the engine replica (ingress.stream_from_engines: false)")
     parser.add_argument("--connector", choices=["nixl", "shared_storage"], default="nixl")
-    parser.add_argument("--direct-ingress", action="store_true",
-                        help="clients call the ingress replica's own HTTP server, no Serve proxy (README)")
+    parser.add_argument("--path", choices=["listen", "proxy"], default="listen",
+                        help="clients reach the gateway on its own listener (default) or through Serve's proxy")
     parser.add_argument("--engine-set", action="append", default=[], metavar="KEY=JSON",
                         help="an engine setting for every engine, e.g. shm_poll_sleep_us=0 (repeatable)")
     args = parser.parse_args()
-    global DIRECT_INGRESS
-    DIRECT_INGRESS = args.direct_ingress
+    global PATH
+    PATH = args.path
     for setting in args.engine_set:
         key, _, value = setting.partition("=")
         ENGINE_SETTINGS[key] = json.loads(value)

@@ -118,13 +118,17 @@ class ClusterStateActor:
                 logger.warning("dropping a KV event batch from %s: %s", replica_id, error)
                 continue
             self.state.apply_kv_events(replica_id, batch.events)
+            last: IndexOp | None = None
             for event in batch.events:
-                if isinstance(event, BlockStored):
-                    self._append(IndexOp("store", replica_id, list(event.block_hashes)))
-                elif isinstance(event, BlockRemoved):
-                    self._append(IndexOp("remove", replica_id, list(event.block_hashes)))
-                elif isinstance(event, AllBlocksCleared):
-                    self._append(IndexOp("clear", replica_id))
+                kind: OpKind = ("store" if isinstance(event, BlockStored) else
+                                "remove" if isinstance(event, BlockRemoved) else "clear")
+                if not isinstance(event, BlockStored | BlockRemoved | AllBlocksCleared):
+                    continue
+                if last is not None and last.kind == kind and kind != "clear":
+                    last.hashes.extend(event.block_hashes)  # one op per run: routers pay per op
+                    continue
+                last = IndexOp(kind, replica_id, list(getattr(event, "block_hashes", ())))
+                self._append(last)
         return True
 
     def report_many(self, reports: list[Report]) -> list[bool]:
@@ -152,9 +156,12 @@ class ClusterStateActor:
 
     async def sync(
         self, router_id: str, epoch: str, version: int, membership: int = -1, stats_version: int = -1,
-        wait_s: float = 0.0,
+        wait_s: float = 0.0, speculated: list[tuple[str, list[int]]] | None = None,
     ) -> SyncReply:
-        """What the router has not seen. With `wait_s`, wait up to that long for something new first."""
+        """The router's speculative entries in, what it has not seen out. With `wait_s`, wait up to that
+        long for something new first."""
+        if speculated:
+            self.speculate(router_id, speculated)
         self._expire_silent_replicas()
         if wait_s > 0 and not self._news_for(router_id, epoch, version, membership, stats_version):
             news = self._news_future()

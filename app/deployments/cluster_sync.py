@@ -8,7 +8,6 @@ send only what changed (see app/deployments/cluster_state.py), so an idle fleet 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -16,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from app.config import ClusterStateConfig
-from app.deployments.cluster_state import Report, SyncReply, get_or_create_state_actor
+from app.deployments.cluster_state import IndexOp, Report, SyncReply, get_or_create_state_actor
 from app.router.state import ClusterState, ReplicaInfo, ReplicaStats
 
 logger = logging.getLogger(__name__)
@@ -173,8 +172,9 @@ class BatchReporter:
 class RouterStateSync:
     """Keeps an ingress replica's ClusterState copy current and shares its speculative entries.
 
-    Each sync is a long poll: the actor answers when something new happened, or after `sync_wait_s`;
-    the next one starts `sync_interval_s` later. Speculative entries go out on their own, in batches.
+    Each sync is one call: it carries this router's speculative entries since the last one, and is a
+    long poll (the actor answers when something new happened, or after `sync_wait_s`); the next one
+    starts `sync_interval_s` later.
     """
 
     def __init__(self, app_name: str, state: ClusterState, config: ClusterStateConfig) -> None:
@@ -187,31 +187,11 @@ class RouterStateSync:
         self._membership = -1
         self._stats_version = -1
         self._speculated: list[tuple[str, list[int]]] = []
-        self._pushing: asyncio.Task[None] | None = None
         self.on_synced: Callable[[], None] | None = None
 
     def speculated(self, replica_id: str, block_hashes: list[int]) -> None:
-        if not block_hashes:
-            return
-        self._speculated.append((replica_id, block_hashes))
-        if self._pushing is None or self._pushing.done():
-            with contextlib.suppress(RuntimeError):  # no running loop (tests): the next sync pushes them
-                self._pushing = asyncio.get_running_loop().create_task(self._push_later())
-
-    async def _push_later(self) -> None:
-        await asyncio.sleep(self._config.sync_interval_s)  # a batch of guesses per interval, not one call each
-        with contextlib.suppress(Exception):  # the actor is away: the next sync retries them
-            await self.push()
-
-    async def push(self) -> None:
-        speculated, self._speculated = self._speculated, []
-        if not speculated:
-            return
-        try:
-            await self._link.actor().speculate.remote(self.router_id, speculated)
-        except Exception:
-            self._speculated = speculated + self._speculated  # not delivered: send with the next one
-            raise
+        if block_hashes:
+            self._speculated.append((replica_id, block_hashes))
 
     async def run(self) -> None:
         while True:
@@ -225,10 +205,15 @@ class RouterStateSync:
             await asyncio.sleep(self._config.sync_interval_s)
 
     async def sync_once(self, wait_s: float = 0.0) -> None:
-        await self.push()
-        reply: SyncReply = await self._link.actor().sync.remote(
-            self.router_id, self._epoch, self._version, self._membership, self._stats_version, wait_s
-        )
+        speculated, self._speculated = self._speculated, []
+        try:
+            reply: SyncReply = await self._link.actor().sync.remote(
+                self.router_id, self._epoch, self._version, self._membership, self._stats_version, wait_s,
+                speculated,
+            )
+        except BaseException:
+            self._speculated = speculated + self._speculated  # not delivered: send with the next sync
+            raise
         self.apply(reply, time.monotonic())
         if self.on_synced is not None:
             self.on_synced()
@@ -246,15 +231,31 @@ class RouterStateSync:
                 state.index.clear(replica_id)
             for replica_id, hashes in reply.full_index.items():
                 state.index.add(replica_id, hashes)
-        for op in reply.ops:
-            if op.kind == "store":
-                state.index.add(op.replica_id, op.hashes)
-            elif op.kind == "remove":
-                state.index.remove(op.replica_id, op.hashes)
-            elif op.kind == "clear":
-                state.index.clear(op.replica_id)
-            elif op.kind == "speculate":
-                state.note_routed(op.replica_id, op.hashes, now)
+        for kind, replica_id, hashes in _runs(reply.ops):
+            if kind == "store":
+                state.index.add(replica_id, hashes)
+            elif kind == "remove":
+                state.index.remove(replica_id, hashes)
+            elif kind == "clear":
+                state.index.clear(replica_id)
+            elif kind == "speculate":
+                state.note_routed(replica_id, hashes, now)
         self._epoch, self._version = reply.epoch, reply.version
         self._membership, self._stats_version = reply.membership, reply.stats_version
         state.synced_at = now
+
+
+def _runs(ops: list[IndexOp]) -> list[tuple[str, str, list[int]]]:
+    """The ops with each replica's consecutive ops of one kind joined: the index pays per call, and a
+    busy fleet sends hundreds of small ones a second. Each replica's own order is kept (a block stored
+    then removed ends up removed); different replicas' ops do not interact."""
+    runs: list[tuple[str, str, list[int]]] = []
+    open_run: dict[str, int] = {}
+    for op in ops:
+        at = open_run.get(op.replica_id)
+        if at is not None and runs[at][0] == op.kind and op.kind != "clear":
+            runs[at][2].extend(op.hashes)
+            continue
+        open_run[op.replica_id] = len(runs)
+        runs.append((op.kind, op.replica_id, list(op.hashes)))
+    return runs

@@ -69,10 +69,13 @@ class EventRelay:
     def feed(self, data: bytes) -> bytes:
         """The complete events among what has arrived, ready for the client (b"" until one is whole)."""
         buffer = self._rest + data if self._rest else data
-        if not self._checked_separator and buffer:
-            self._checked_separator = True
-            if b"\r\n\r\n" in buffer and b"\n\n" not in buffer.replace(b"\r\n\r\n", b""):
-                self._separator = b"\r\n\r\n"
+        if not self._checked_separator:
+            # Servers end events with a blank line, "\n\n" or "\r\n\r\n": the first one seen decides.
+            crlf, lf = buffer.find(b"\r\n\r\n"), buffer.find(b"\n\n")
+            if crlf >= 0 and (lf < 0 or crlf < lf):
+                self._separator, self._checked_separator = b"\r\n\r\n", True
+            elif lf >= 0:
+                self._checked_separator = True
         end = buffer.rfind(self._separator)
         if end < 0:
             self._rest = buffer

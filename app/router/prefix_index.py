@@ -28,7 +28,10 @@ _EVICT_TO = 0.95  # evict a little below the cap so a full replica does not resc
 
 
 def _normalize(hashes: Iterable[int]) -> np.ndarray:
-    keys = np.fromiter((h & 0xFFFFFFFFFFFFFFFF for h in hashes), dtype=np.uint64)
+    try:
+        keys = np.asarray(hashes, dtype=np.uint64)  # block hashes are unsigned 64-bit: one C call
+    except (OverflowError, TypeError, ValueError):
+        keys = np.fromiter((h & 0xFFFFFFFFFFFFFFFF for h in hashes), dtype=np.uint64)
     # 0 and 1 mark empty and deleted slots; shift those two keys out of the way.
     return np.where(keys < 2, keys + np.uint64(2), keys)
 

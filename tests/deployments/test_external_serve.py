@@ -230,7 +230,9 @@ def test_a_killed_server_loses_only_its_requests_and_comes_back_with_an_empty_ca
     statuses = serve.get_deployment_handle(f"endpoints-{MODEL}", app_name=APP).status.remote().result(timeout_s=10)
     victim_status = next(s for s in statuses if s["url"] == victim.url)
     assert victim_status["healthy"] and victim_status["generation"] >= 1
-    # And it takes requests again: new prefixes spread over the three servers.
+    # And it takes requests again, once the router has it back: new prefixes spread over the three servers.
+    ingress = serve.get_deployment_handle("ingress", app_name=APP)
+    assert wait_for(lambda: victim_id in ingress.routing_state.remote().result(timeout_s=10)["replicas"], timeout_s=10)
     before = served(victim)
     for i in range(12):
         client.completions.create(model=MODEL, prompt=long_prompt(1000 + i, words=60), max_tokens=1)

@@ -184,6 +184,29 @@ def test_overload_gets_503_with_retry_after_and_nothing_hangs(gateway):
             assert r.json()["usage"]["completion_tokens"] == 150
 
 
+def test_a_stream_the_engine_refuses_gets_the_status_not_a_200(gateway):
+    # The simulated engine has no logprobs: it refuses before generating, so the client sees a 400.
+    body = {**CHAT, "max_tokens": 4, "stream": True, "logprobs": True}
+    with httpx.stream("POST", gateway + "/v1/chat/completions", json=body, timeout=30) as response:
+        response.read()
+    assert response.status_code == 400 and "logprobs" in response.json()["error"]["message"]
+
+    # Overload before the first token: a 503 with Retry-After, not a 200 with an error inside.
+    slow = {**CHAT, "max_tokens": 150, "ignore_eos": True, "stream": True}
+
+    async def burst() -> list[tuple[int, str | None]]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            async def one() -> tuple[int, str | None]:
+                async with client.stream("POST", gateway.tight + "/v1/chat/completions", json=slow) as r:
+                    await r.aread()
+                    return r.status_code, r.headers.get("retry-after")
+            return await asyncio.gather(*[one() for _ in range(6)])
+
+    outcomes = asyncio.run(burst())
+    assert {status for status, _ in outcomes} == {200, 503}, outcomes
+    assert all(retry == "1" for status, retry in outcomes if status == 503)
+
+
 def test_gateway_metrics(gateway):
     httpx.post(gateway + "/v1/completions", json={"model": "sim-llama", "prompt": "hi", "max_tokens": 2})
     text = httpx.get(gateway + "/metrics").text

@@ -117,7 +117,9 @@ class ExternalEngineConfig(_Strict):
         "(a key per block_size tokens' worth of characters) and of the prompt-length estimate.",
     )
     scrape_interval_s: float = Field(
-        default=0.2, gt=0, description="How often each server's /metrics is read for load and health."
+        default=0.5, gt=0,
+        description="How often each server's /metrics is read for load and health. Between reads the router "
+        "counts its own requests in flight, and KV events (when the servers publish them) arrive as they come.",
     )
     down_after_s: float = Field(
         default=3.0, gt=0,
