@@ -36,6 +36,13 @@ class UpstreamError(ConnectionError):
         self.responded = responded
 
 
+class UpstreamConnectError(UpstreamError):
+    """The server could not be reached at all (refused, unroutable, or too slow to accept)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, responded=False)
+
+
 @dataclass(frozen=True, slots=True)
 class Origin:
     """Where a server is: scheme, host and port, and the Host header it expects."""
@@ -310,7 +317,7 @@ class UpstreamPool:
                     lambda: _Connection(self, origin), origin.host, origin.port, ssl=context
                 )
         except (OSError, TimeoutError) as error:
-            raise UpstreamError(f"cannot connect to {origin.host}:{origin.port}: {error!r}", responded=False) from None
+            raise UpstreamConnectError(f"cannot connect to {origin.host}:{origin.port}: {error!r}") from None
         return connection
 
     def _take_idle(self, origin: Origin) -> _Connection | None:

@@ -98,12 +98,17 @@ class _Connection(asyncio.Protocol):
         self._result.first_error = self._result.first_error or message
 
 
-async def run(url: str, bodies: list[bytes], rate: float, duration_s: float, *, seed: int = 0) -> Result:
-    """Send `bodies` in turn to `url` (a full URL) at `rate` a second (Poisson) for `duration_s`."""
+def _requests(url: str, bodies: list[bytes]) -> tuple[str, int, list[bytes]]:
+    """Where to connect, and each body as a whole HTTP/1.1 POST to the URL's path."""
     parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 80
     requests = [b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
                 % (parts.path.encode(), parts.netloc.encode(), len(body), body) for body in bodies]
+    return parts.hostname or "127.0.0.1", parts.port or 80, requests
+
+
+async def run(url: str, bodies: list[bytes], rate: float, duration_s: float, *, seed: int = 0) -> Result:
+    """Send `bodies` in turn to `url` (a full URL) at `rate` a second (Poisson) for `duration_s`."""
+    host, port, requests = _requests(url, bodies)
     loop = asyncio.get_running_loop()
     pool: list[_Connection] = []
     result = Result()
@@ -149,10 +154,7 @@ async def run(url: str, bodies: list[bytes], rate: float, duration_s: float, *, 
 async def closed(url: str, body: bytes, concurrency: int, duration_s: float) -> Result:
     """`concurrency` clients on keep-alive connections, each sending its next request when the previous
     answer is complete, for `duration_s`."""
-    parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    request = (b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-               % (parts.path.encode(), parts.netloc.encode(), len(body), body))
+    host, port, (request,) = _requests(url, [body])
     loop = asyncio.get_running_loop()
     result = Result()
     stop = time.perf_counter() + duration_s

@@ -65,9 +65,8 @@ def listen_on_free_port(args: dict) -> str:
 class BaseURL(str):
     """A gateway's base URL on one way in (its listener, or Serve's proxy), with a second app's beside it."""
 
-    def __new__(cls, url: str, path: str, **others: str) -> "BaseURL":
+    def __new__(cls, url: str, **others: str) -> "BaseURL":
         value = super().__new__(cls, url)
-        value.path = path  # type: ignore[attr-defined]
         value.__dict__.update(others)
         return value
 

@@ -29,6 +29,7 @@ PROMETHEUS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 _JSON = [(b"content-type", b"application/json")]
 _SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 _GENERATE: dict[str, Endpoint] = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+_READ = ("/v1/models", "/health", "/metrics")
 
 
 class GatewayASGI:
@@ -40,12 +41,10 @@ class GatewayASGI:
         *,
         max_body_bytes: int,
         metrics: Callable[[], bytes],
-        extra_routes: dict[str, Callable[[], Awaitable[Any]]] | None = None,
     ) -> None:
         self.serving = serving
         self.max_body_bytes = max_body_bytes
         self._metrics = metrics
-        self._extra = extra_routes or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -62,20 +61,16 @@ class GatewayASGI:
                 if method != "POST":
                     raise APIError(405, "Method Not Allowed")
                 await self._generate(endpoint, scope, receive, send)
+            elif path not in _READ:
+                raise APIError(404, "Not Found")
             elif method not in ("GET", "HEAD"):
-                raise APIError(405 if path in ("/v1/models", "/health", "/metrics") else 404,
-                               "Method Not Allowed" if path in ("/v1/models", "/health", "/metrics") else "Not Found")
+                raise APIError(405, "Method Not Allowed")
             elif path == "/v1/models":
                 await _send(send, 200, _JSON, self.serving.list_models().model_dump_json().encode())
             elif path == "/health":
                 await _send(send, 200, _JSON, b'{"status":"ok"}')
-            elif path == "/metrics":
-                await _send(send, 200, [(b"content-type", PROMETHEUS_CONTENT_TYPE)], self._metrics())
-            elif path in self._extra:
-                result = await self._extra[path]()
-                await _send(send, 200, _JSON, json.dumps(result).encode())
             else:
-                raise APIError(404, "Not Found")
+                await _send(send, 200, [(b"content-type", PROMETHEUS_CONTENT_TYPE)], self._metrics())
         except APIError as error:
             await _send_error(send, error)
 

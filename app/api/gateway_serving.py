@@ -14,14 +14,14 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from app.api.errors import APIError, bad_request
 from app.api.prepare import ENDPOINT_PATHS, Endpoint, PreparedRequest
 from app.api.serving import ServingBase
 from app.engines.protocol import EngineRequest, EngineRequestRejected, EngineUnavailableError
-from app.gateway.errors import NoReplicaAvailable, is_overload
+from app.gateway.errors import EngineOverloaded, NoReplicaAvailable
 from app.gateway.relay import EngineReply, ForwardedCall
 
 logger = logging.getLogger("ray.serve")
@@ -50,7 +50,6 @@ class GatewayResponse:
     stream: bool
     _reply: EngineReply
     _on_close: Callable[[EngineReply, str], None]
-    headers: dict[str, str] = field(default_factory=dict)
     _failed: bool = False
     _closed: bool = False
 
@@ -129,11 +128,9 @@ class GatewayServing(ServingBase):
             raise bad_request(str(cause), param=getattr(cause, "param", None) or default_param) from None
         except NoReplicaAvailable as error:
             raise APIError(503, str(error), code="no_healthy_endpoint", retry_after_s=self._retry_after_s) from None
+        except EngineOverloaded as error:
+            raise APIError(503, str(error), code="engine_overloaded", retry_after_s=self._retry_after_s) from None
         except EngineUnavailableError as error:
-            if is_overload(error):
-                raise APIError(503, str(error) if "retry" in str(error) else
-                               "All engine replicas for this model are at their limit; retry after the indicated "
-                               "delay.", code="engine_overloaded", retry_after_s=self._retry_after_s) from None
             raise APIError(503, str(error), retry_after_s=self._retry_after_s) from None
 
     def _response(

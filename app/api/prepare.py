@@ -25,15 +25,12 @@ from app.engines.protocol import EngineRequest, SamplingParams
 from app.router.hashing import BlockHasher, get_hasher
 from app.router.models import ModelEntry, ModelRegistry, UnknownModelError
 from app.router.text_keys import ApproximateBlockKeys, chat_key_text
-from app.tokenizer import PromptTokenizer, TemplateError
+from app.tokenizer import LONG_TEXT_CHARS, PromptTokenizer, TemplateError
 
 Endpoint = Literal["chat", "completions"]
 ENDPOINT_PATHS: dict[str, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/completions
 
-OFF_LOOP_TOKENIZE_CHARS = 32_768
-"""Prompts longer than this are tokenized in a worker thread (the tokenizer's batch call releases the
-GIL), so a long prompt costs the event loop nothing while other requests are being served."""
 
 
 @dataclass
@@ -84,10 +81,6 @@ class Validated:
     body: dict[str, Any]
     request: ChatCompletionRequest | CompletionRequest
     model: ServedModel
-
-    @property
-    def stream(self) -> bool:
-        return self.request.stream
 
 
 @dataclass
@@ -251,7 +244,9 @@ def _chars(messages: list[dict[str, str]]) -> int:
 
 
 async def _tokenize(encode: Any, num_chars: int) -> list[int]:
-    if num_chars <= OFF_LOOP_TOKENIZE_CHARS:
+    # A long text is tokenized by the tokenizer's batch call, which releases the GIL: in a worker thread
+    # it costs the event loop nothing while other requests are being served.
+    if num_chars <= LONG_TEXT_CHARS:
         return encode()
     return await asyncio.to_thread(encode)
 

@@ -129,16 +129,13 @@ class ChatChoice(BaseModel):
     finish_reason: str | None
 
 
-class _Response(BaseModel):
-    kv_transfer_params: dict[str, Any] | None = None
-    """vLLM: what a prefill engine returns for the decode engine to pull its KV cache."""
+def _absent_when_none(value: object) -> bool:
+    return value is None
 
-    @model_serializer(mode="wrap")
-    def _transfer_params_when_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data = handler(self)
-        if self.kv_transfer_params is None:
-            data.pop("kv_transfer_params", None)
-        return data
+
+class _Response(BaseModel):
+    kv_transfer_params: dict[str, Any] | None = Field(default=None, exclude_if=_absent_when_none)
+    """vLLM: what a prefill engine returns for the decode engine to pull its KV cache (only then)."""
 
 
 class ChatCompletionResponse(_Response):
@@ -192,15 +189,8 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
-    token_ids: list[int] | None = None
+    token_ids: list[int] | None = Field(default=None, exclude_if=_absent_when_none)
     """vLLM's extension, only with return_token_ids."""
-
-    @model_serializer(mode="wrap")
-    def _token_ids_when_asked(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data = handler(self)
-        if self.token_ids is None:
-            data.pop("token_ids", None)
-        return data
 
 
 class CompletionResponse(_Response):

@@ -59,8 +59,6 @@ class EngineClient(Protocol):
     def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]: ...
 
 
-_Prepared = PreparedRequest
-
 
 @dataclass
 class _Result:
@@ -180,7 +178,7 @@ class OpenAIServing(ServingBase):
 
     # -- preparing a request -------------------------------------------------------------------
 
-    async def _prepare_counted(self, endpoint: Endpoint, body: Any) -> _Prepared:
+    async def _prepare_counted(self, endpoint: Endpoint, body: Any) -> PreparedRequest:
         try:
             return await self.preparer.prepare(self.preparer.validate(endpoint, body))
         except APIError as error:
@@ -192,7 +190,7 @@ class OpenAIServing(ServingBase):
     # -- running a request ---------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _serve(self, prepared: _Prepared) -> AsyncIterator[AsyncIterator[EngineOutput]]:
+    async def _serve(self, prepared: PreparedRequest) -> AsyncIterator[AsyncIterator[EngineOutput]]:
         """Admission, the engine call, metrics and error mapping around one request."""
         if not self._admission.try_acquire():
             self.metrics.requests.labels(prepared.model.name, prepared.endpoint, "429").inc()
@@ -225,7 +223,7 @@ class OpenAIServing(ServingBase):
             if status == "200":
                 metrics.e2e.labels(name).observe(time.monotonic() - started)
 
-    async def _outputs(self, prepared: _Prepared, started: float) -> AsyncIterator[EngineOutput]:
+    async def _outputs(self, prepared: PreparedRequest, started: float) -> AsyncIterator[EngineOutput]:
         metrics, name = self.metrics, prepared.model.name
         generation_tokens = metrics.generation_tokens.labels(name)
         first = True
@@ -257,7 +255,7 @@ class OpenAIServing(ServingBase):
 class _ChunkFactory:
     """Builds the streamed chunk objects of one request."""
 
-    def __init__(self, prepared: _Prepared) -> None:
+    def __init__(self, prepared: PreparedRequest) -> None:
         self._p = prepared
         self._usage_field: dict[str, Any] = {"usage": None} if prepared.include_usage else {}
 

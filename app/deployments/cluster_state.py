@@ -118,17 +118,13 @@ class ClusterStateActor:
                 logger.warning("dropping a KV event batch from %s: %s", replica_id, error)
                 continue
             self.state.apply_kv_events(replica_id, batch.events)
-            last: IndexOp | None = None
             for event in batch.events:
-                kind: OpKind = ("store" if isinstance(event, BlockStored) else
-                                "remove" if isinstance(event, BlockRemoved) else "clear")
-                if not isinstance(event, BlockStored | BlockRemoved | AllBlocksCleared):
-                    continue
-                if last is not None and last.kind == kind and kind != "clear":
-                    last.hashes.extend(event.block_hashes)  # one op per run: routers pay per op
-                    continue
-                last = IndexOp(kind, replica_id, list(getattr(event, "block_hashes", ())))
-                self._append(last)
+                if isinstance(event, BlockStored):
+                    self._append(IndexOp("store", replica_id, list(event.block_hashes)))
+                elif isinstance(event, BlockRemoved):
+                    self._append(IndexOp("remove", replica_id, list(event.block_hashes)))
+                elif isinstance(event, AllBlocksCleared):
+                    self._append(IndexOp("clear", replica_id))
         return True
 
     def report_many(self, reports: list[Report]) -> list[bool]:

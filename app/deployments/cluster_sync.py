@@ -187,7 +187,6 @@ class RouterStateSync:
         self._membership = -1
         self._stats_version = -1
         self._speculated: list[tuple[str, list[int]]] = []
-        self.on_synced: Callable[[], None] | None = None
 
     def speculated(self, replica_id: str, block_hashes: list[int]) -> None:
         if block_hashes:
@@ -215,8 +214,6 @@ class RouterStateSync:
             self._speculated = speculated + self._speculated  # not delivered: send with the next sync
             raise
         self.apply(reply, time.monotonic())
-        if self.on_synced is not None:
-            self.on_synced()
 
     def apply(self, reply: SyncReply, now: float) -> None:
         state = self.state

@@ -10,7 +10,6 @@ cluster-state actor and streams its stats and KV events there in the background.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -24,7 +23,7 @@ from app.api.listener import HTTPListener
 from app.config import ClusterStateConfig, ModelConfig
 from app.deployments.cluster_sync import EngineReporter
 from app.engines.factory import create_engine
-from app.engines.protocol import EngineOutput, EngineRequest, EngineStats, EngineUnavailableError
+from app.engines.protocol import EngineRequest, EngineStats, EngineUnavailableError
 from app.engines.simulated.config import SimulatedEngineConfig
 from app.gateway.relay import ForwardedCall
 from app.router.state import ReplicaInfo, ReplicaRole, ReplicaStats
@@ -117,22 +116,6 @@ class EngineServer:
     def _routing_stats(self) -> ReplicaStats:
         return ReplicaStats.model_validate(self.engine.stats().model_dump())
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
-        self._ensure_reporting()
-        # Cancelling the caller's response (client gone) closes this generator, which aborts
-        # the request in the engine and frees its KV blocks.
-        first = True
-        try:
-            async with contextlib.aclosing(self.engine.generate(request)) as outputs:
-                async for output in outputs:
-                    if first:
-                        first = False
-                        output.replica_id = self.replica_id
-                    yield output
-        except EngineUnavailableError as error:
-            error.replica_id = self.replica_id  # type: ignore[attr-defined]  # the caller retries elsewhere
-            raise
-
     async def relay(self, request: EngineRequest, call: ForwardedCall) -> AsyncIterator[Any]:
         """A forwarded call answered by this replica's server, for an ingress that cannot reach the server
         itself: first a RelayHead, then the answer's body as it arrives, unparsed."""
@@ -151,9 +134,6 @@ class EngineServer:
             raise EngineUnavailableError(f"engine replica {self.replica_id}: its server failed: {error}") from None
         finally:
             response.close()  # the caller went away early: the engine aborts the request
-
-    async def abort(self, request_id: str) -> None:
-        await self.engine.abort(request_id)
 
     def stats(self) -> EngineStats:
         return self.engine.stats()

@@ -257,8 +257,9 @@ class EndpointWatcher:
 
     @staticmethod
     async def _step(watched: list[WatchedEndpoint]) -> None:
-        results = await asyncio.gather(*(w.step() for w in watched if w.crash is None), return_exceptions=True)
-        for w, result in zip([w for w in watched if w.crash is None], results, strict=True):
+        live = [w for w in watched if w.crash is None]
+        results = await asyncio.gather(*(w.step() for w in live), return_exceptions=True)
+        for w, result in zip(live, results, strict=True):
             if isinstance(result, BaseException):
                 if isinstance(result, asyncio.CancelledError):
                     raise result

@@ -33,8 +33,11 @@ class ServeTransport:
     def __init__(self, handle: DeploymentHandle) -> None:
         self._handle = handle.options(stream=True)
 
-    async def open(self, request: EngineRequest, call: ForwardedCall, replica: ReplicaState | None) -> EngineReply:
-        response = self._handle.relay.remote(request, call)
+    async def open(
+        self, request: EngineRequest, call: ForwardedCall, replica: ReplicaState | None, ranking: list[str]
+    ) -> EngineReply:
+        # The ranking rides on the request: the gateway's Serve request router takes the first with room.
+        response = self._handle.relay.remote(request.model_copy(update={"route": ranking}), call)
         try:
             head = await response.__anext__()
         except BackPressureError:
@@ -77,4 +80,4 @@ class ServeRoutedClient:
     async def open(self, request: EngineRequest, call: ForwardedCall) -> EngineReply:
         if self._streams is not None:
             self._streams.labels(self._model, "serve").inc()  # type: ignore[attr-defined]
-        return await self._transport.open(request, call, None)
+        return await self._transport.open(request, call, None, [])

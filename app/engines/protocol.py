@@ -165,6 +165,11 @@ class EngineUnavailableError(RuntimeError):
     """The engine failed or went away while serving; the request may succeed on another replica."""
 
 
+class EngineOverloaded(EngineUnavailableError):
+    """The engine refused the request for load (or every engine tried did, or the gateway's own queue
+    for the model is full): 503 engine_overloaded, with Retry-After."""
+
+
 class CacheConfig(BaseModel):
     """The engine's KV cache geometry (vLLM's `vllm:cache_config_info`)."""
 

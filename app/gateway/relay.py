@@ -15,7 +15,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.engines.protocol import EngineRequestRejected, EngineUnavailableError
+from app.engines.protocol import EngineUnavailableError
+from app.engines.server_errors import refusal, stream_error
 from app.gateway.sse import EventRelay, model_renames
 from app.upstream import UpstreamError, UpstreamPool
 
@@ -133,39 +134,6 @@ class EngineReply:
             self._close()
         for callback in self._callbacks:
             callback(self)
-
-
-def _error_message(body: bytes, status: int) -> tuple[str, str | None]:
-    """The message and param of an OpenAI-style error body (or the body itself)."""
-    try:
-        error = json.loads(body).get("error") or {}
-    except (ValueError, AttributeError):
-        error = None
-    if isinstance(error, dict) and error.get("message"):
-        return str(error["message"]), error.get("param")
-    # FastAPI's own 422s and other shapes: say what the server said.
-    text = body.decode(errors="replace").strip()[:500]
-    return text or f"HTTP {status}", None
-
-
-def refusal(status: int, body: bytes) -> Exception:
-    """The error for a server's non-200 answer: the client's (400) or the server's (try elsewhere)."""
-    message, param = _error_message(body, status)
-    if status in (400, 422):
-        return EngineRequestRejected(message, param=param)
-    error = EngineUnavailableError(f"the engine server answered HTTP {status}: {message}")
-    error.overloaded = status in (429, 503)  # type: ignore[attr-defined]
-    return error
-
-
-def stream_error(error: dict[str, Any]) -> Exception:
-    """An error the engine sent inside its stream before any output: the client's or the server's."""
-    code = error.get("code")
-    if error.get("type") in ("invalid_request_error", "BadRequestError") or code in (400, "400"):
-        return EngineRequestRejected(str(error.get("message") or error), param=error.get("param"))
-    failure = EngineUnavailableError(f"the engine server failed the request: {error.get('message') or error}")
-    failure.overloaded = code in (429, 503, "429", "503")  # type: ignore[attr-defined]
-    return failure
 
 
 async def open_on_server(pool: UpstreamPool, base_url: str, call: ForwardedCall, replica_id: str) -> EngineReply:

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 from prometheus_client import Counter
 
 from app.engines.protocol import EngineRequest, EngineUnavailableError
-from app.gateway.errors import EngineFailed, EngineOverloaded, NoReplicaAvailable, is_overload
+from app.gateway.errors import EngineFailed, EngineOverloaded, NoReplicaAvailable
 from app.gateway.metrics import RouterMetrics
 from app.gateway.relay import EngineReply, ForwardedCall, open_on_server
 from app.router.scheduler import Decision, RoutingRequest, Scheduler
@@ -38,13 +38,15 @@ logger = logging.getLogger("ray.serve")
 
 
 class Transport(Protocol):
-    """A way to reach engine replicas. `replica` None: the transport picks (no ranking yet)."""
+    """A way to reach engine replicas. `replica` None: the transport picks (no ranking yet); `ranking`:
+    the replicas to fall back on, in order, for a transport that can (the replica first)."""
 
     path: str
     """How the metric `gateway_engine_streams` names it: direct (HTTP) or serve (a Serve handle)."""
 
-    async def open(self, request: EngineRequest, call: ForwardedCall, replica: ReplicaState | None) -> EngineReply:
-        ...
+    async def open(
+        self, request: EngineRequest, call: ForwardedCall, replica: ReplicaState | None, ranking: list[str]
+    ) -> EngineReply: ...
 
 
 class HTTPTransport:
@@ -55,7 +57,9 @@ class HTTPTransport:
     def __init__(self, pool: UpstreamPool) -> None:
         self._pool = pool
 
-    async def open(self, request: EngineRequest, call: ForwardedCall, replica: ReplicaState | None) -> EngineReply:
+    async def open(
+        self, request: EngineRequest, call: ForwardedCall, replica: ReplicaState | None, ranking: list[str]
+    ) -> EngineReply:
         if replica is None or replica.info.endpoint_url is None:
             raise NoReplicaAvailable("no engine server to send the request to")
         return await open_on_server(self._pool, replica.info.endpoint_url, call, replica.replica_id)
@@ -173,7 +177,7 @@ class RoutedClient:
                 raise NoReplicaAvailable(f"No server for model {self._model!r} is answering right now; the "
                                          "gateway keeps checking them. Retry after the indicated delay.")
             self._count(self._fallback.path)
-            return await self._fallback.open(request, call, None)
+            return await self._fallback.open(request, call, None, [])
         order = self._order(decision.ranked)
         if self._max_ongoing:
             while not (order := [rid for rid in order if not self._full(rid)]):
@@ -194,9 +198,8 @@ class RoutedClient:
             self._count(transport.path)
             dispatched = time.monotonic()
             self._dispatched(decision, routing, replica_id, dispatched)
-            attempt = request.model_copy(update={"route": order[position - 1:]})
             try:
-                reply = await transport.open(attempt, call, replica)
+                reply = await transport.open(request, call, replica, order[position - 1:])
             except EngineUnavailableError as error:
                 self._scheduler.on_finish(decision, routing, replica_id, got_first_token=False)
                 self._slot_freed()
@@ -224,7 +227,7 @@ class RoutedClient:
         if last_error is None:
             raise NoReplicaAvailable(f"No server for model {self._model!r} is answering right now; the gateway "
                                      "keeps checking them. Retry after the indicated delay.")
-        if is_overload(last_error):
+        if isinstance(last_error, EngineOverloaded):
             raise EngineOverloaded(f"Every engine of model {self._model!r} that was tried is at its limit "
                                    f"({attempts} tried); retry after the indicated delay.")
         raise EngineFailed(f"No engine of model {self._model!r} could take the request ({attempts} tried); "

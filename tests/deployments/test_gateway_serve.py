@@ -51,8 +51,8 @@ def apps():
     serve.run(build_gateway(parse_gateway_config(tight)), name="tight", route_prefix="/tight")
     proxy = f"http://127.0.0.1:{port}"
     try:
-        yield {"listen": BaseURL(main_listener, "listen", tight=tight_listener),
-               "proxy": BaseURL(proxy, "proxy", tight=proxy + "/tight")}
+        yield {"listen": BaseURL(main_listener, tight=tight_listener),
+               "proxy": BaseURL(proxy, tight=proxy + "/tight")}
     finally:
         stop_local_serve()
 

@@ -5,6 +5,8 @@ import asyncio
 import httpx
 
 from app.engines.external.monitor import EndpointMonitor
+from app.upstream import UpstreamPool
+from tests.gateway.servers import serving
 from tests.helpers import SimServer
 
 
@@ -13,7 +15,7 @@ async def test_load_health_and_a_restart_are_seen_from_outside():
     url = server.url
     try:
         async with httpx.AsyncClient() as http:
-            monitor = EndpointMonitor(url, http, model="sim-llama", endpoint_id="ep-0", down_after_s=0.5)
+            monitor = EndpointMonitor(url, UpstreamPool(), model="sim-llama", endpoint_id="ep-0", down_after_s=0.5)
             assert not monitor.healthy  # nothing read yet
             assert (await monitor.poll()).ok and monitor.healthy
             assert monitor.stats.cache_config.block_size == 16
@@ -54,11 +56,13 @@ async def test_load_health_and_a_restart_are_seen_from_outside():
 
 
 async def test_a_server_that_is_not_vllm_is_reported_not_trusted():
-    async def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, text="# just some other exporter\nup 1\n")
+    async def other_exporter(scope, receive, send):
+        page = b"# just some other exporter\nup 1\n"
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(page))]})
+        await send({"type": "http.response.body", "body": page})
 
-    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
-        monitor = EndpointMonitor("http://other:9000", http, model="m", endpoint_id="ep-x")
+    async with serving(other_exporter) as url:
+        monitor = EndpointMonitor(url, UpstreamPool(), model="m", endpoint_id="ep-x")
         result = await monitor.poll()
     assert not result.ok and not monitor.healthy
     assert "vllm:num_requests_running" in result.error

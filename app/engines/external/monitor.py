@@ -18,8 +18,6 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-import httpx
-
 from app.engines.protocol import EngineStats
 from app.engines.vllm.metrics import MetricsFormatError, engine_stats
 from app.upstream import UpstreamError, UpstreamPool
@@ -49,7 +47,7 @@ class EndpointMonitor:
     def __init__(
         self,
         url: str,
-        http: httpx.AsyncClient | UpstreamPool,
+        http: UpstreamPool,
         *,
         model: str,
         endpoint_id: str,
@@ -79,23 +77,18 @@ class EndpointMonitor:
         return not (self._failing and time.monotonic() - self.last_ok > self._down_after_s)
 
     async def _scrape(self) -> str:
-        if isinstance(self._http, UpstreamPool):
-            # The gateway's own HTTP client: a scrape of a few servers many times a second stays cheap.
-            async with asyncio.timeout(self._timeout_s):
-                response = await self._http.request(self.url, "/metrics", method="GET")
-                body = await response.read()
-            if response.status != 200:
-                raise ScrapeError(f"HTTP {response.status} from {self.url}/metrics")
-            return body.decode(errors="replace")
-        response = await self._http.get(self.url + "/metrics", timeout=self._timeout_s)
-        response.raise_for_status()
-        return response.text
+        async with asyncio.timeout(self._timeout_s):
+            response = await self._http.request(self.url, "/metrics", method="GET")
+            body = await response.read()
+        if response.status != 200:
+            raise ScrapeError(f"HTTP {response.status} from {self.url}/metrics")
+        return body.decode(errors="replace")
 
     async def poll(self) -> PollResult:
         try:
             text = await self._scrape()
             stats = engine_stats(text, engine_id=self.endpoint_id, model=self._model, hash_seed=self._hash_seed)
-        except (httpx.HTTPError, UpstreamError, ScrapeError, TimeoutError, MetricsFormatError) as error:
+        except (UpstreamError, ScrapeError, TimeoutError, MetricsFormatError) as error:
             self.last_error = f"{type(error).__name__}: {error}"
             self._failing = True
             if not self.healthy and self.last_ok is not None:

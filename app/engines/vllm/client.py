@@ -18,11 +18,11 @@ import httpx
 from app.engines.protocol import (
     EngineOutput,
     EngineRequest,
-    EngineRequestRejected,
     EngineUnavailableError,
     TokenLogprob,
     TopLogprob,
 )
+from app.engines.server_errors import refusal, stream_error
 from app.tokenizer import PromptTokenizer
 
 
@@ -143,7 +143,7 @@ async def stream_openai(
     try:
         async with client.stream("POST", url, json=body) as response:
             if response.status_code != 200:
-                _raise_for(response.status_code, await response.aread())
+                raise refusal(response.status_code, await response.aread())
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):
                     continue
@@ -154,7 +154,7 @@ async def stream_openai(
                     continue
                 chunk = json.loads(data)
                 if "error" in chunk:
-                    raise _stream_error(chunk["error"])
+                    raise stream_error(chunk["error"])
                 choices = chunk.get("choices") or []
                 if not choices:  # the usage chunk, after the finishing one
                     if held is not None:
@@ -175,15 +175,6 @@ async def stream_openai(
         raise EngineUnavailableError("the server ended the stream before the request finished")
     if held is not None:  # no usage chunk came
         yield held
-
-
-def _error_message(status: int, body: bytes) -> str:
-    try:
-        error = json.loads(body).get("error") or {}
-        message = error.get("message") if isinstance(error, dict) else str(error)
-    except (ValueError, AttributeError):
-        message = None
-    return message or body.decode(errors="replace")[:500] or f"HTTP {status}"
 
 
 class VLLMCompletionsClient:
@@ -214,25 +205,9 @@ class VLLMCompletionsClient:
         except httpx.TransportError as error:
             raise EngineUnavailableError(f"lost the connection to the vLLM server: {error!r}") from None
         if response.status_code != 200:
-            _raise_for(response.status_code, response.content)
+            raise refusal(response.status_code, response.content)
         reply = response.json()
         choice = reply["choices"][0]
         output = _with_usage(completion_output(request.request_id, choice, self._decode), reply.get("usage"))
         output.kv_transfer_params = reply.get("kv_transfer_params")
         return output
-
-
-def _stream_error(error: Any) -> Exception:
-    """An error sent inside a stream: the client's (a 400 the server found late) or the server's."""
-    if isinstance(error, dict):
-        code = error.get("code")
-        if error.get("type") in ("invalid_request_error", "BadRequestError") or code in (400, "400"):
-            return EngineRequestRejected(str(error.get("message") or error), param=error.get("param"))
-    return EngineUnavailableError(f"the server failed the request: {error}")
-
-
-def _raise_for(status: int, body: bytes) -> None:
-    message = _error_message(status, body)
-    if status == 400:
-        raise EngineRequestRejected(message)
-    raise EngineUnavailableError(f"the server answered HTTP {status}: {message}")

@@ -2,10 +2,10 @@
 
 Why a child server and not vLLM's AsyncLLM in the replica's process: the OpenAI server is vLLM's
 most stable interface (AsyncLLM's signatures change between releases), it gives vLLM's own
-detokenization, stop handling, logprobs and KV-transfer hand-off, and the same HTTP client serves
-engines the gateway does not manage (issue 5). The price is one loopback HTTP hop per request, and
-outputs a slow reader has not collected are merged, so a stream sends no more Ray messages than
-its reader takes.
+detokenization, stop handling, logprobs and KV-transfer hand-off, and clients talk to it as to any
+vLLM server. The gateway sends requests straight to that server and relays its answers
+(app/gateway/relay.py); `generate` here is the engine protocol's in-process way in, for tests and
+tools, and merges outputs a slow reader has not collected.
 """
 
 from __future__ import annotations
