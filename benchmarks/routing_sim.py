@@ -18,6 +18,7 @@ Workloads (Poisson arrivals, seeded):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import heapq
 import json
 import random
@@ -190,6 +191,8 @@ def simulate(policy: str, workload: Workload, replicas: int, engine: SimulatedEn
     bound_hits: dict[int, int] = {}
     answers: dict[int, list[int]] = {}
     decision_times: list[float] = []
+    # A digest of every ranking, so a refactor can show its decisions are the same ones, request by request.
+    digest = hashlib.sha256()
     reasons: dict[str, int] = {}
     served = dict.fromkeys(ids, 0)
     outstanding = len(reqs)
@@ -207,9 +210,12 @@ def simulate(policy: str, workload: Workload, replicas: int, engine: SimulatedEn
             else:
                 decision = scheduler.schedule(routing_request, now)
                 replica = decision.replica_id
+                digest.update(f"{i}:{','.join(decision.ranked)}:{decision.reason};".encode())
                 reasons[decision.reason] = reasons.get(decision.reason, 0) + 1
             decision_times.append(time.perf_counter() - t0)
-            if decision is not None:
+            if decision is None:
+                digest.update(f"{i}:{replica};".encode())
+            else:
                 scheduler.on_dispatch(decision, routing_request, replica, now)
             decisions[i], routed[i] = decision, routing_request
             served[replica] += 1
@@ -275,6 +281,7 @@ def simulate(policy: str, workload: Workload, replicas: int, engine: SimulatedEn
         "decision_p50_us": float(np.percentile(decision_times, 50) * 1e6),
         "decision_p99_us": float(np.percentile(decision_times, 99) * 1e6),
         "reasons": reasons,
+        "decisions_sha256": digest.hexdigest(),
         "ttft_model": scheduler.ttft_model.coefficients if ray_router is None else None,
     }
 
