@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 from app.engines.external.config import ExternalEngineConfig
 from app.engines.simulated.config import SimulatedEngineConfig
 from app.engines.vllm.config import VLLMEngineConfig
-from app.router.scheduler import RoutingConfig
+from app.router.admission.config import AdmissionStageSpec
+from app.router.config import RoutingConfig
 from app.tokenizer import BUILTIN_TOKENIZER_DIR
 
 
@@ -217,6 +218,11 @@ class IngressConfig(_Strict):
     max_ongoing_requests: int = Field(default=2048, ge=1)
     max_inflight_requests: int | None = Field(
         default=1024, ge=1, description="Per ingress replica; beyond it requests get 429 with Retry-After."
+    )
+    admission: list[AdmissionStageSpec] = Field(
+        default_factory=list,
+        description="Admission stages after the in-flight limit, in order (app/router/admission/registry.py); "
+        "each sees the request and its model's fleet before any tokenizing.",
     )
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="Larger bodies get 413.")
     retry_after_s: float = Field(default=1.0, gt=0, description="Retry-After sent with 429 and 503.")

@@ -23,6 +23,7 @@ from app.api.serving import ServingBase
 from app.engines.protocol import EngineRequest, EngineRequestRejected, EngineUnavailableError
 from app.gateway.errors import EngineOverloaded, NoReplicaAvailable
 from app.gateway.relay import EngineReply, ForwardedCall
+from app.router.admission import AdmissionRequest
 
 logger = logging.getLogger("ray.serve")
 
@@ -85,10 +86,9 @@ class GatewayServing(ServingBase):
             raise
         name = validated.model.name
         # Admission comes before the heavy work, so a flood of large prompts is refused cheaply.
-        if not self._admission.try_acquire():
-            self.metrics.requests.labels(name, endpoint, "429").inc()
-            raise APIError(429, "The gateway is at its limit of requests in flight; retry after the indicated delay.",
-                           code="too_many_requests", retry_after_s=self._retry_after_s)
+        request = validated.request
+        ticket = self._admit(AdmissionRequest(name, endpoint, priority=request.priority, tenant=request.user,
+                                              stream=request.stream))
         self.metrics.inflight.inc()
         released = False
 
@@ -96,7 +96,7 @@ class GatewayServing(ServingBase):
             nonlocal released
             if not released:
                 released = True
-                self._admission.release()
+                self._admission.release(ticket)
                 self.metrics.inflight.dec()
                 self.metrics.requests.labels(name, endpoint, status).inc()
 

@@ -46,7 +46,8 @@ from app.api.protocol import (
     Usage,
 )
 from app.engines.protocol import EngineOutput, EngineRequest, EngineRequestRejected, TokenLogprob
-from app.router.admission import InflightLimit
+from app.router.admission import Admission, AdmissionRequest, AdmissionStage, FleetLoad, UnknownFleet
+from app.router.admission.inflight_limit import InflightLimitParams, InflightLimitStage
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class _Result:
 
 
 class ServingBase:
-    """What every OpenAI serving shares: the models and their preparation, metrics, the in-flight limit."""
+    """What every OpenAI serving shares: the models and their preparation, metrics, admission."""
 
     def __init__(
         self,
@@ -103,12 +104,27 @@ class ServingBase:
         metrics: GatewayMetrics | None = None,
         max_inflight_requests: int | None = None,
         retry_after_s: float = 1.0,
+        admission_stages: Sequence[AdmissionStage] = (),
+        fleet: FleetLoad | None = None,
     ) -> None:
+        """Admission runs the in-flight limit first, then `admission_stages` in order."""
         self.preparer = RequestPreparer(models)
         self.models = self.preparer.models
         self.metrics = metrics or GatewayMetrics()
-        self._admission = InflightLimit(max_inflight_requests)
+        limit = InflightLimitStage(InflightLimitParams(max_inflight_requests=max_inflight_requests),
+                                   retry_after_s=retry_after_s)
+        self._admission = Admission([limit, *admission_stages])
+        self._fleet = fleet or UnknownFleet()
         self._retry_after_s = retry_after_s
+
+    def _admit(self, request: AdmissionRequest) -> AdmissionRequest:
+        """Run admission; raises the refusal as an OpenAI error (counted), or returns the ticket to release."""
+        model, endpoint = request.model, request.endpoint
+        refusal = self._admission.admit(request, self._fleet)
+        if refusal is not None:
+            self.metrics.requests.labels(model, endpoint, str(refusal.status)).inc()
+            raise APIError(refusal.status, refusal.message, code=refusal.code, retry_after_s=refusal.retry_after_s)
+        return request
 
     def list_models(self) -> ModelList:
         return self.preparer.model_list()
@@ -192,14 +208,8 @@ class OpenAIServing(ServingBase):
     @contextlib.asynccontextmanager
     async def _serve(self, prepared: PreparedRequest) -> AsyncIterator[AsyncIterator[EngineOutput]]:
         """Admission, the engine call, metrics and error mapping around one request."""
-        if not self._admission.try_acquire():
-            self.metrics.requests.labels(prepared.model.name, prepared.endpoint, "429").inc()
-            raise APIError(
-                429,
-                "The gateway is at its limit of requests in flight; retry after the indicated delay.",
-                code="too_many_requests",
-                retry_after_s=self._retry_after_s,
-            )
+        ticket = self._admit(AdmissionRequest(prepared.model.name, prepared.endpoint,
+                                              priority=prepared.engine_request.priority, stream=prepared.stream))
         metrics, name = self.metrics, prepared.model.name
         metrics.inflight.inc()
         started = time.monotonic()
@@ -217,7 +227,7 @@ class OpenAIServing(ServingBase):
                 raise APIError(500, "The gateway failed to serve this request; see its logs.") from None
             raise
         finally:
-            self._admission.release()
+            self._admission.release(ticket)
             metrics.inflight.dec()
             metrics.requests.labels(name, prepared.endpoint, status).inc()
             if status == "200":

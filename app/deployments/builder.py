@@ -30,6 +30,7 @@ def engine_deployment_name(model_name: str, role: str = "mixed") -> str:
 _REQUEST_ROUTERS = {
     "prefix_aware": "app.deployments.request_router:GatewayRequestRouter",
     "round_robin": "app.deployments.request_router:GatewayRequestRouter",
+    "custom": "app.deployments.request_router:GatewayRequestRouter",
     "power_of_two": None,  # Serve's built-in default
     "ray_prefix_cache_affinity": (
         "ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router:PrefixCacheAffinityRouter"

@@ -32,9 +32,11 @@ from app.config import GatewayConfig, ModelConfig
 from app.deployments.cluster_sync import RouterStateSync
 from app.deployments.serve_transport import ServeRoutedClient, ServeTransport
 from app.engines.external.config import ExternalEngineConfig
+from app.gateway.fleet_load import ClusterFleetLoad
 from app.gateway.metrics import DisaggregationMetrics, RouterMetrics, engine_streams_counter
 from app.gateway.routed import HTTPTransport, RoutedClient, Transport, reachable_from
 from app.gateway.split import SplitClient
+from app.router.admission.registry import build_stages
 from app.router.hashing import get_hasher
 from app.router.scheduler import Scheduler
 from app.router.state import ClusterState, ReplicaRole, ReplicaState
@@ -79,7 +81,7 @@ class OpenAIIngress:
         )
         self.scheduler = Scheduler(self.cluster, gateway.routing)
         # Ray's PrefixCacheAffinityRouter and Serve's power-of-two pick inside the handle on their own.
-        self.ranks_requests = gateway.routing.policy in ("prefix_aware", "round_robin")
+        self.ranks_requests = gateway.routing.ranks_at_gateway
         self.sync = RouterStateSync(context.app_name if context else "", self.cluster, gateway.cluster_state)
         self._sync_task: asyncio.Task[None] | None = None
         self._stream_from_engines = limits.stream_from_engines
@@ -106,11 +108,18 @@ class OpenAIIngress:
             self.router_metrics.prefix_keys.labels(
                 served.name, "approximate" if served.approximate_keys else "exact"
             ).set(1)
+        self.fleet_load = ClusterFleetLoad(self.cluster)
+        for served in models:
+            queued = getattr(served.engine, "queued", None)
+            if queued is not None:
+                self.fleet_load.watch_queue(served.name, lambda engine=served.engine: engine.queued)
         self.serving = GatewayServing(
             models,
             metrics=self.metrics,
             max_inflight_requests=limits.max_inflight_requests,
             retry_after_s=limits.retry_after_s,
+            admission_stages=build_stages(limits.admission, retry_after_s=limits.retry_after_s),
+            fleet=self.fleet_load,
         )
         self.asgi = GatewayASGI(self.serving, max_body_bytes=limits.max_body_bytes, metrics=self._metrics_page)
         self._ensure_syncing()

@@ -78,6 +78,11 @@ class SplitClient:
         """Prefill replicas that just failed, until when. Without this, requests would keep going to a
         dead replica (and wait for Serve to replace it) until the state actor times it out."""
 
+    @property
+    def queued(self) -> int:
+        """Requests waiting here for a decode replica with room."""
+        return self._decode.queued
+
     async def open(self, request: EngineRequest, call: ForwardedCall) -> EngineReply:
         routing, decision = self._decode.route(request)
         path: SplitPath = "direct"
