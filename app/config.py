@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from app.engines.external.config import ExternalEngineConfig
+from app.engines.kinds import KINDS, kind_of
 from app.engines.simulated.config import SimulatedEngineConfig
 from app.engines.vllm.config import VLLMEngineConfig
 from app.router.admission.config import AdmissionStageSpec
@@ -36,11 +37,10 @@ def _engine_kind(value: Any) -> str:
     return str(getattr(value, "kind", "simulated"))
 
 
-_ENGINE_KINDS = ("simulated", "vllm", "external")
+_ENGINE_KINDS = tuple(KINDS)
+# One member per registered kind (app/engines/kinds.py), told apart by `kind`.
 EngineConfig = Annotated[
-    Annotated[SimulatedEngineConfig, Tag("simulated")]
-    | Annotated[VLLMEngineConfig, Tag("vllm")]
-    | Annotated[ExternalEngineConfig, Tag("external")],
+    Union[tuple(Annotated[kind.config, Tag(name)] for name, kind in KINDS.items())],  # type: ignore[valid-type]  # noqa: UP007
     Discriminator(_engine_kind),
 ]
 
@@ -126,7 +126,7 @@ class ModelConfig(_Strict):
     @property
     def is_external(self) -> bool:
         """Served by OpenAI-compatible servers the gateway does not run (no engine replicas)."""
-        return isinstance(self.engine, ExternalEngineConfig)
+        return not kind_of(self.engine).runs_engines
 
     def engine_for(self, role: str) -> SimulatedEngineConfig | VLLMEngineConfig | ExternalEngineConfig:
         """The engine settings of one role: the model's engine with the role's overrides."""

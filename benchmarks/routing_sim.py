@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from app.engines.protocol import EngineRequest, SamplingParams
 from app.engines.simulated.config import SimulatedEngineConfig
 from app.engines.simulated.core import SimulatedEngineCore
-from app.router.hashing import get_hasher
+from app.kv.hashing import get_hasher
+from app.protocol.engine import EngineRequest, SamplingParams
 from app.router.scheduler import RoutingConfig, RoutingRequest, Scheduler
 from app.router.state import ClusterState, ReplicaInfo, ReplicaStats
 

@@ -9,7 +9,7 @@ import asyncio
 import ray
 from ray import serve
 
-from app.api.errors import APIError
+from app.openai.errors import APIError
 
 
 async def main() -> None:

@@ -1,3 +1,2 @@
-"""The OpenAI-compatible API: request/response models, errors, the serving logic that turns
-requests into engine calls, and the HTTP layer. Used by the Serve ingress and by the simulated
-engine's standalone server alike."""
+"""The gateway's HTTP face: its OpenAI endpoints over the gateway core (`gateway_serving`), the ASGI app
+and the gateway's own listener. The only place that turns gateway and engine errors into OpenAI errors."""

@@ -15,9 +15,9 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from app.api.errors import APIError, json_body, too_large
 from app.api.gateway_serving import GatewayResponse, GatewayServing
-from app.api.prepare import Endpoint
+from app.openai.errors import APIError, json_body, too_large
+from app.openai.prepare import Endpoint
 
 logger = logging.getLogger("ray.serve")
 

@@ -13,27 +13,23 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from app.api.errors import APIError, bad_request
-from app.api.prepare import ENDPOINT_PATHS, Endpoint, PreparedRequest
-from app.api.serving import ServingBase
-from app.engines.protocol import EngineRequest, EngineRequestRejected, EngineUnavailableError
 from app.gateway.errors import EngineOverloaded, NoReplicaAvailable
 from app.gateway.relay import EngineReply, ForwardedCall
-from app.router.admission import AdmissionRequest
+from app.openai.errors import APIError, bad_request
+from app.openai.metrics import ServingMetrics
+from app.openai.prepare import ENDPOINT_PATHS, Endpoint, PreparedRequest, ServedModel
+from app.openai.serving_base import ServingBase
+from app.protocol.engine import EngineRequestRejected, EngineUnavailableError
+from app.router.admission import Admission, AdmissionRequest, AdmissionStage, FleetLoad, UnknownFleet
+from app.router.admission.inflight_limit import InflightLimitParams, InflightLimitStage
 
 logger = logging.getLogger("ray.serve")
 
 _DONE_EVENT = b"data: [DONE]\n\n"
-
-
-class RelayClient(Protocol):
-    """Where a model's requests go in the gateway: routed, split, or handed to Serve."""
-
-    async def open(self, request: EngineRequest, call: ForwardedCall) -> EngineReply: ...
 
 
 @dataclass
@@ -75,6 +71,32 @@ class GatewayResponse:
 
 class GatewayServing(ServingBase):
     """The OpenAI API of the gateway over relay clients, one per served model."""
+
+    def __init__(
+        self,
+        models: Sequence[ServedModel],
+        *,
+        metrics: ServingMetrics | None = None,
+        max_inflight_requests: int | None = None,
+        retry_after_s: float = 1.0,
+        admission_stages: Sequence[AdmissionStage] = (),
+        fleet: FleetLoad | None = None,
+    ) -> None:
+        """Admission runs the in-flight limit first, then `admission_stages` in order."""
+        super().__init__(models, metrics=metrics)
+        limit = InflightLimitStage(InflightLimitParams(max_inflight_requests=max_inflight_requests),
+                                   retry_after_s=retry_after_s)
+        self._admission = Admission([limit, *admission_stages])
+        self._fleet = fleet or UnknownFleet()
+        self._retry_after_s = retry_after_s
+
+    def _admit(self, request: AdmissionRequest) -> AdmissionRequest:
+        """Run admission; raises the refusal as an OpenAI error (counted), or returns the ticket to release."""
+        refusal = self._admission.admit(request, self._fleet)
+        if refusal is not None:
+            self.metrics.requests.labels(request.model, request.endpoint, str(refusal.status)).inc()
+            raise APIError(refusal.status, refusal.message, code=refusal.code, retry_after_s=refusal.retry_after_s)
+        return request
 
     async def open(self, endpoint: Endpoint, body: Any) -> GatewayResponse:
         """Run a request up to the engine's acceptance; raises APIError before anything is sent."""
@@ -154,11 +176,6 @@ class GatewayServing(ServingBase):
 
         return GatewayResponse(request_id=prepared.request_id, media_type=reply.media_type, first=reply.first,
                                stream=reply.stream, _reply=reply, _on_close=closed)
-
-    def _count_refusal(self, endpoint: Endpoint, body: Any, error: APIError) -> None:
-        requested = body.get("model") if isinstance(body, dict) else None
-        label = requested if isinstance(requested, str) and requested in self.models else "unknown"
-        self.metrics.requests.labels(label, endpoint, str(error.status_code)).inc()
 
     # -- the handle API (Python batch jobs): the same answers, as dicts ------------------------
 

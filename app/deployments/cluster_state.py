@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import ray
 
-from app.router.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventDecodeError, decode_batch
+from app.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventDecodeError, decode_batch
 from app.router.state import ClusterState, ReplicaInfo, ReplicaStats
 
 logger = logging.getLogger(__name__)

@@ -22,10 +22,10 @@ from ray import serve
 from app.api.listener import HTTPListener
 from app.config import ClusterStateConfig, ModelConfig
 from app.deployments.cluster_sync import EngineReporter
-from app.engines.factory import create_engine
-from app.engines.protocol import EngineRequest, EngineStats, EngineUnavailableError
+from app.engines.kinds import create_engine
 from app.engines.simulated.config import SimulatedEngineConfig
 from app.gateway.relay import ForwardedCall
+from app.protocol.engine import EngineRequest, EngineStats, EngineUnavailableError
 from app.router.state import ReplicaInfo, ReplicaRole, ReplicaStats
 from app.tokenizer import PromptTokenizer
 from app.upstream import UpstreamError, UpstreamPool

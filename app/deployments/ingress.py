@@ -7,7 +7,7 @@ Serve's HTTP proxy; both run the same ASGI app. Python batch jobs on the cluster
     reply = handle.chat.remote({"model": "sim-llama", "messages": [...]}).result()
     async for chunk in handle.options(stream=True).chat_stream.remote({...}): ...
 
-Handle methods take and return OpenAI-shaped dicts and raise app.api.errors.APIError on bad input.
+Handle methods take and return OpenAI-shaped dicts and raise app.openai.errors.APIError on bad input.
 """
 
 from __future__ import annotations
@@ -24,23 +24,24 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from app.api.asgi import GatewayASGI
-from app.api.gateway_serving import GatewayServing, RelayClient
+from app.api.gateway_serving import GatewayServing
 from app.api.listener import HTTPListener
-from app.api.metrics import GatewayMetrics
-from app.api.prepare import Endpoint, ServedModel
 from app.config import GatewayConfig, ModelConfig
 from app.deployments.cluster_sync import RouterStateSync
-from app.deployments.serve_transport import ServeRoutedClient, ServeTransport
+from app.deployments.serve_transport import ServeTransport
 from app.engines.external.config import ExternalEngineConfig
+from app.gateway.client import EngineClient
+from app.gateway.client_builder import ClientBuilder, ModelPlan, Reach, SplitPlan
 from app.gateway.fleet_load import ClusterFleetLoad
 from app.gateway.metrics import DisaggregationMetrics, RouterMetrics, engine_streams_counter
-from app.gateway.routed import HTTPTransport, RoutedClient, Transport, reachable_from
-from app.gateway.split import SplitClient
+from app.gateway.routed import HTTPTransport
+from app.kv.hashing import get_hasher
+from app.kv.text_keys import ApproximateBlockKeys
+from app.openai.metrics import ServingMetrics
+from app.openai.prepare import Endpoint, ServedModel
 from app.router.admission.registry import build_stages
-from app.router.hashing import get_hasher
 from app.router.scheduler import Scheduler
-from app.router.state import ClusterState, ReplicaRole, ReplicaState
-from app.router.text_keys import ApproximateBlockKeys
+from app.router.state import ClusterState
 from app.tokenizer import PromptTokenizer
 from app.upstream import UpstreamPool
 
@@ -72,7 +73,7 @@ class OpenAIIngress:
         gateway = GatewayConfig.model_validate(config)
         limits = gateway.ingress
         context = serve.get_replica_context()
-        self.metrics = GatewayMetrics()
+        self.metrics = ServingMetrics()
         self.router_metrics = RouterMetrics(self.metrics.registry)
         self.split_metrics = DisaggregationMetrics(self.metrics.registry)
         self.engine_streams = engine_streams_counter(self.metrics.registry)
@@ -80,13 +81,16 @@ class OpenAIIngress:
             speculative_ttl_s=gateway.routing.speculative_ttl_s, stale_after_s=gateway.routing.stale_after_s
         )
         self.scheduler = Scheduler(self.cluster, gateway.routing)
-        # Ray's PrefixCacheAffinityRouter and Serve's power-of-two pick inside the handle on their own.
-        self.ranks_requests = gateway.routing.ranks_at_gateway
         self.sync = RouterStateSync(context.app_name if context else "", self.cluster, gateway.cluster_state)
         self._sync_task: asyncio.Task[None] | None = None
         self._stream_from_engines = limits.stream_from_engines
         self._node_id = ray.get_runtime_context().get_node_id()
         self._pools: dict[float, UpstreamPool] = {}
+        self.clients = ClientBuilder(
+            self.scheduler, router_metrics=self.router_metrics, split_metrics=self.split_metrics,
+            streams=self.engine_streams, speculate=self.sync.speculated, on_request=self._ensure_syncing,
+            ranks_requests=gateway.routing.ranks_at_gateway,
+        )
         tokenizers = {model.name: _load_tokenizer(model) for model in gateway.models}
         models = [
             ServedModel(
@@ -145,60 +149,34 @@ class OpenAIIngress:
             pool = self._pools[connect_timeout_s] = UpstreamPool(connect_timeout_s=connect_timeout_s)
         return pool
 
-    def _routed(
-        self, model: ModelConfig, roles: tuple[ReplicaRole, ...], transports: dict[str, Transport],
-        http: Transport | None, *, max_attempts: int, avoid_failed_for_s: float = 3.0,
-    ) -> RoutedClient:
-        # Engines the gateway runs take what their deployment says one replica takes; the queue beyond
-        # it is the gateway's, bounded like Serve's own handle queue.
-        if isinstance(model.engine, ExternalEngineConfig):
-            max_ongoing = {"mixed": model.engine.max_ongoing_requests}
-            max_queued = model.engine.max_queued_requests
-        else:
-            groups = {role: model.group(role) for role in roles if role in model.roles}
-            max_ongoing = {role: group.max_ongoing_requests for role, group in groups.items()}
-            queued = [group.max_queued_requests for group in groups.values()]
-            max_queued = None if not queued or -1 in queued else max(queued)
-        node_id = self._node_id
-
-        def transport_for(replica: ReplicaState) -> Transport | None:
-            if http is not None and reachable_from(replica, node_id):
-                return http
-            return transports.get(replica.info.role)
-
-        fallback = next((transports[role] for role in roles if role in transports), None)
-        return RoutedClient(
-            model=model.name, block_size=model.engine.block_size, scheduler=self.scheduler,
-            transport_for=transport_for, fallback=fallback, roles=roles, max_attempts=max_attempts,
-            avoid_failed_for_s=avoid_failed_for_s, metrics=self.router_metrics, streams=self.engine_streams,
-            speculate=self.sync.speculated, on_request=self._ensure_syncing,
-            max_ongoing=max_ongoing, max_queued=max_queued,
-        )
-
-    def _client(self, model: ModelConfig, handles: dict[str, DeploymentHandle]) -> RelayClient:
+    def _client(self, model: ModelConfig, handles: dict[str, DeploymentHandle]) -> EngineClient:
         if isinstance(model.engine, ExternalEngineConfig):
             # Servers the gateway does not run: always ranked by its own scheduler, called directly.
             external = model.engine
-            http = HTTPTransport(self._pool(external.connect_timeout_s))
-            return self._routed(model, ("mixed",), {}, http, max_attempts=external.max_attempts,
-                                avoid_failed_for_s=external.down_after_s)
-        transports: dict[str, Transport] = {role: ServeTransport(handle) for role, handle in handles.items()}
-        http = HTTPTransport(self._pool(5.0)) if self._stream_from_engines else None
+            plan = ModelPlan(
+                name=model.name, block_size=external.block_size,
+                max_ongoing={"mixed": external.max_ongoing_requests},
+                max_queued={"mixed": external.max_queued_requests},
+                max_attempts=external.max_attempts, avoid_failed_for_s=external.down_after_s,
+            )
+            return self.clients.build(plan, Reach(http=HTTPTransport(self._pool(external.connect_timeout_s))))
+        # Engines the gateway runs take what their deployment says one replica takes; the queue beyond
+        # it is the gateway's, bounded like Serve's own handle queue (-1: unbounded).
+        groups = {role: model.group(role) for role in model.roles}
         split = model.disaggregation
-        if split is None and not self.ranks_requests:
-            return ServeRoutedClient(ServeTransport(handles["mixed"]), model=model.name, streams=self.engine_streams)
-        if split is None:
-            return self._routed(model, ("mixed",), transports, http, max_attempts=3)
-        # The split needs the gateway's own scheduler whatever the policy: it picks decode first.
-        return SplitClient(
-            self._routed(model, ("decode", "mixed"), transports, http, max_attempts=3),
-            # A failed prefill is not retried: the decode replica computing the prompt is faster.
-            self._routed(model, ("prefill",), transports, http, max_attempts=1),
-            model=model.name,
-            min_split_tokens=split.min_split_tokens,
-            prefill_timeout_s=split.prefill_timeout_s,
-            metrics=self.split_metrics,
+        plan = ModelPlan(
+            name=model.name, block_size=model.engine.block_size,
+            max_ongoing={role: group.max_ongoing_requests for role, group in groups.items()},
+            max_queued={role: None if group.max_queued_requests == -1 else group.max_queued_requests
+                        for role, group in groups.items()},
+            split=None if split is None else SplitPlan(split.min_split_tokens, split.prefill_timeout_s),
         )
+        reach = Reach(
+            by_role={role: ServeTransport(handle) for role, handle in handles.items()},
+            http=HTTPTransport(self._pool(5.0)) if self._stream_from_engines else None,
+            node_id=self._node_id,
+        )
+        return self.clients.build(plan, reach)
 
     # -- cluster state -------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from ray.serve._private.request_router.common import PendingRequest
 from ray.serve._private.request_router.replica_wrapper import RunningReplica
 from ray.serve._private.request_router.request_router import RequestRouter
 
-from app.engines.protocol import EngineRequest
+from app.protocol.engine import EngineRequest
 
 
 def _route_of(pending_request: PendingRequest | None) -> list[str]:

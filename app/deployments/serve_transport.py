@@ -17,9 +17,9 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from app.deployments.engine import RelayHead
-from app.engines.protocol import EngineRequest, EngineUnavailableError
 from app.gateway.errors import EngineOverloaded, NoReplicaAvailable
 from app.gateway.relay import EngineReply, ForwardedCall, accept
+from app.protocol.engine import EngineRequest, EngineUnavailableError
 from app.router.state import ReplicaState
 from app.upstream import UpstreamError
 
@@ -67,17 +67,3 @@ class ServeTransport:
                 response.cancel()
 
         return await accept(head.status, pieces(), call, head.replica_id, close=close)
-
-
-class ServeRoutedClient:
-    """A model whose replica Serve's own request router picks (the baselines): no ranking here."""
-
-    def __init__(self, transport: ServeTransport, *, model: str, streams: object | None = None) -> None:
-        self._transport = transport
-        self._model = model
-        self._streams = streams
-
-    async def open(self, request: EngineRequest, call: ForwardedCall) -> EngineReply:
-        if self._streams is not None:
-            self._streams.labels(self._model, "serve").inc()  # type: ignore[attr-defined]
-        return await self._transport.open(request, call, None, [])

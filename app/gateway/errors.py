@@ -6,7 +6,7 @@ error); only the API layer turns them into OpenAI error bodies and status codes.
 
 from __future__ import annotations
 
-from app.engines.protocol import EngineOverloaded, EngineUnavailableError
+from app.protocol.engine import EngineOverloaded, EngineUnavailableError
 
 __all__ = ["EngineFailed", "EngineOverloaded", "NoReplicaAvailable"]
 

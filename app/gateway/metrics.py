@@ -1,6 +1,6 @@
 """The gateway core's Prometheus metrics: routing decisions, the engines' streams, the split hop.
 
-Each ingress replica registers them in its own registry (app/api/metrics.py), next to the request
+Each ingress replica registers them in its own registry (app/openai/metrics.py), next to the request
 metrics, so one /metrics page shows both.
 """
 

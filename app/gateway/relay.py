@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.engines.protocol import EngineUnavailableError
-from app.engines.server_errors import refusal, stream_error
 from app.gateway.sse import EventRelay, model_renames
+from app.protocol.engine import EngineUnavailableError
+from app.protocol.server_errors import refusal, stream_error
 from app.upstream import UpstreamError, UpstreamPool
 
 SSE_MEDIA_TYPE = "text/event-stream"

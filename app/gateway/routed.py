@@ -21,32 +21,21 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import urlsplit
 
 from prometheus_client import Counter
 
-from app.engines.protocol import EngineRequest, EngineUnavailableError
+from app.gateway.client import Transport
 from app.gateway.errors import EngineFailed, EngineOverloaded, NoReplicaAvailable
 from app.gateway.metrics import RouterMetrics
 from app.gateway.relay import EngineReply, ForwardedCall, open_on_server
+from app.protocol.engine import EngineRequest, EngineUnavailableError
 from app.router.scheduler import Decision, RoutingRequest, Scheduler
 from app.router.state import ReplicaRole, ReplicaState
 from app.upstream import UpstreamPool
 
 logger = logging.getLogger("ray.serve")
-
-
-class Transport(Protocol):
-    """A way to reach engine replicas. `replica` None: the transport picks (no ranking yet); `ranking`:
-    the replicas to fall back on, in order, for a transport that can (the replica first)."""
-
-    path: str
-    """How the metric `gateway_engine_streams` names it: direct (HTTP) or serve (a Serve handle)."""
-
-    async def open(
-        self, request: EngineRequest, call: ForwardedCall, replica: ReplicaState | None, ranking: list[str]
-    ) -> EngineReply: ...
 
 
 class HTTPTransport:

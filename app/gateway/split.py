@@ -22,10 +22,10 @@ import time
 from dataclasses import replace
 from typing import Any, Literal
 
-from app.engines.protocol import EngineRequest, EngineRequestRejected, EngineUnavailableError
 from app.gateway.metrics import DisaggregationMetrics
 from app.gateway.relay import EngineReply, ForwardedCall
 from app.gateway.routed import RoutedClient
+from app.protocol.engine import EngineRequest, EngineRequestRejected, EngineUnavailableError
 
 logger = logging.getLogger("ray.serve")
 

@@ -1,2 +1,2 @@
-"""Routing decisions as plain Python: block hashing, model resolution, and (later) the prefix index,
-scheduler and admission. Nothing in this package imports Ray."""
+"""Routing decisions, pure and Ray-free: the fleet's state and prefix index, the scheduler that runs a
+profile of plugins (filters, scorers, a picker; `plugins/`), the TTFT cost model, and admission stages."""

@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.router.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from app.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from app.router.prefix_index import PrefixIndex, SpeculativeEntries
 
 ReplicaRole = Literal["mixed", "prefill", "decode"]

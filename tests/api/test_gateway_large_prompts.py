@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 
-from app.api.errors import APIError
 from app.api.gateway_serving import GatewayServing
-from app.api.prepare import ServedModel
 from app.engines.simulated.config import SimulatedEngineConfig
 from app.engines.simulated.server import create_app
+from app.openai.errors import APIError
+from app.openai.prepare import ServedModel
 from app.tokenizer import BUILTIN_TOKENIZER_DIR, PromptTokenizer
 from tests.gateway.servers import fleet, routed_client, serving
 

@@ -4,12 +4,12 @@ whole gateway core, in-process, against the project's simulated vLLM server on l
 
 import pytest
 
-from app.api.errors import APIError
 from app.api.gateway_serving import GatewayServing
-from app.api.prepare import ServedModel
 from app.engines.simulated.config import SimulatedEngineConfig
 from app.engines.simulated.server import create_app
-from app.router.text_keys import ApproximateBlockKeys, chat_key_text
+from app.kv.text_keys import ApproximateBlockKeys, chat_key_text
+from app.openai.errors import APIError
+from app.openai.prepare import ServedModel
 from app.tokenizer import BUILTIN_TOKENIZER_DIR, PromptTokenizer
 from tests.gateway.servers import Recorder, fleet, routed_client, serving
 

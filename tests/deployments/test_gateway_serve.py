@@ -8,9 +8,9 @@ import pytest
 from openai import OpenAI
 from ray import serve
 
-from app.api.errors import APIError
 from app.config import parse_gateway_config
 from app.deployments.builder import build_gateway
+from app.openai.errors import APIError
 from tests.helpers import (
     BaseURL,
     listen_on_free_port,

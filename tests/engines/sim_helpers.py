@@ -1,8 +1,8 @@
 """Drive a SimulatedEngineCore in virtual time."""
 
-from app.engines.protocol import EngineRequest, SamplingParams
 from app.engines.simulated.config import SimulatedEngineConfig
 from app.engines.simulated.core import CoreOutput, SimulatedEngineCore
+from app.protocol.engine import EngineRequest, SamplingParams
 
 VOCAB = list(range(10, 500))
 EOS = 2

@@ -1,8 +1,8 @@
 import pytest
 
-from app.engines.protocol import EngineRequestRejected
 from app.engines.simulated.config import StepTimeConfig
 from app.engines.simulated.timing import StepWork, step_duration
+from app.protocol.engine import EngineRequestRejected
 from tests.engines.sim_helpers import EOS, make_core, request, run_until_idle
 
 

@@ -1,5 +1,5 @@
 from app.engines.simulated.kv_cache import KVCache
-from app.router.hashing import BlockHash
+from app.kv.hashing import BlockHash
 
 
 def test_committed_blocks_are_found_again_after_release():

@@ -1,7 +1,7 @@
 """The simulated engine publishes vLLM-format KV events whose keys are the router's keys."""
 
-from app.router.hashing import get_hasher
-from app.router.kv_events import BlockRemoved, BlockStored, decode_batch, encode_batch
+from app.kv.events import BlockRemoved, BlockStored, decode_batch, encode_batch
+from app.kv.hashing import get_hasher
 from tests.engines.sim_helpers import make_core, request, run_until_idle
 
 

@@ -7,7 +7,7 @@ import pytest
 from openai import OpenAI
 
 from app.engines.vllm.kv_events import KVEventSubscriber
-from app.router.hashing import get_hasher
+from app.kv.hashing import get_hasher
 from app.tokenizer import BUILTIN_TOKENIZER_DIR, PromptTokenizer
 from tests.helpers import SimServer, metric_value, wait_for
 

@@ -9,11 +9,11 @@ import sys
 import httpx
 import pytest
 
-from app.engines.protocol import EngineRequest, EngineRequestRejected, EngineUnavailableError, SamplingParams
 from app.engines.vllm.client import VLLMCompletionsClient, completion_body
 from app.engines.vllm.config import VLLMEngineConfig
 from app.engines.vllm.metrics import MetricsFormatError, engine_stats
 from app.engines.vllm.process import ENGINE_HOOK_DIR, kv_transfer_config, server_argv, server_env
+from app.protocol.engine import EngineRequest, EngineRequestRejected, EngineUnavailableError, SamplingParams
 
 # Trimmed from a vLLM 0.32 CPU server's /metrics.
 METRICS = """\

@@ -78,12 +78,13 @@ def sse_app(events: list[bytes], status: int = 200) -> ASGIApp:
     return app
 
 
-def fleet(*replicas: tuple[str, str | None, str], model: str = "m", block_size: int = 16) -> ClusterState:
+def fleet(*replicas: tuple[str, str | None, str], model: str = "m", block_size: int = 16,
+          node_id: str | None = None) -> ClusterState:
     """Replicas as (id, endpoint_url, role), registered as a router's state would have them."""
     state = ClusterState()
     for replica_id, url, role in replicas:
         state.register(ReplicaInfo(replica_id=replica_id, model=model, role=role, block_size=block_size,  # type: ignore[arg-type]
-                                   num_gpu_blocks=1024, endpoint_url=url, kv_events=False))
+                                   num_gpu_blocks=1024, endpoint_url=url, kv_events=False, node_id=node_id))
     state.synced_at = float("inf")  # always fresh: no actor in these tests
     return state
 

@@ -5,14 +5,14 @@ import json
 
 import pytest
 
-from app.api.errors import APIError
 from app.api.gateway_serving import GatewayServing
-from app.api.prepare import ServedModel
-from app.engines.protocol import EngineRequest, EngineRequestRejected, EngineUnavailableError, SamplingParams
 from app.gateway.errors import EngineFailed, EngineOverloaded
 from app.gateway.metrics import engine_streams_counter
 from app.gateway.relay import ForwardedCall
 from app.gateway.routed import reachable_from
+from app.openai.errors import APIError
+from app.openai.prepare import ServedModel
+from app.protocol.engine import EngineRequest, EngineRequestRejected, EngineUnavailableError, SamplingParams
 from app.router.scheduler import Decision, RoutingRequest
 from app.router.state import ReplicaInfo, ReplicaState
 from tests.gateway.servers import Recorder, fleet, routed_client, serving, sse_app
@@ -155,7 +155,7 @@ async def test_a_split_sends_the_clients_body_to_prefill_whole_and_its_hand_off_
 
 
 def served(client) -> GatewayServing:
-    from app.router.text_keys import ApproximateBlockKeys
+    from app.kv.text_keys import ApproximateBlockKeys
 
     model = ServedModel(name="m", tokenizer=None, engine=client, max_model_len=4096, block_size=16,
                         text_keys=ApproximateBlockKeys(16, 4.0), engine_model_name="engine-name")

@@ -1,4 +1,4 @@
-from app.router.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
+from app.kv.events import AllBlocksCleared, BlockRemoved, BlockStored
 from app.router.state import ClusterState, ReplicaInfo
 
 

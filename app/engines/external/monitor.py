@@ -18,8 +18,8 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from app.engines.protocol import EngineStats
 from app.engines.vllm.metrics import MetricsFormatError, engine_stats
+from app.protocol.engine import EngineStats
 from app.upstream import UpstreamError, UpstreamPool
 
 

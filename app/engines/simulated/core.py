@@ -16,12 +16,12 @@ from typing import Any
 
 import xxhash
 
-from app.engines.protocol import CacheConfig, EngineRequest, EngineRequestRejected, FinishReason
 from app.engines.simulated.config import SimulatedEngineConfig
 from app.engines.simulated.kv_cache import KVBlock, KVCache
 from app.engines.simulated.timing import StepWork, step_duration
-from app.router.hashing import BlockHash, external_hash, get_hasher
-from app.router.kv_events import KVEvent
+from app.kv.events import KVEvent
+from app.kv.hashing import BlockHash, external_hash, get_hasher
+from app.protocol.engine import CacheConfig, EngineRequest, EngineRequestRejected, FinishReason
 
 
 @dataclass(slots=True)

@@ -15,11 +15,11 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from app.engines.protocol import CacheConfig, EngineOutput, EngineRequest, EngineStats, merge_outputs
 from app.engines.simulated.config import SimulatedEngineConfig
 from app.engines.simulated.core import CoreOutput, SimulatedEngineCore
 from app.engines.simulated.metrics import EngineMetrics
-from app.router.kv_events import encode_batch
+from app.kv.events import encode_batch
+from app.protocol.engine import CacheConfig, EngineOutput, EngineRequest, EngineRole, EngineStats, merge_outputs
 from app.tokenizer import IncrementalDetokenizer, PromptTokenizer
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class _Stream:
 
 
 class SimulatedEngine:
-    """Implements app.engines.protocol.Engine over SimulatedEngineCore."""
+    """Implements app.protocol.engine.Engine over SimulatedEngineCore."""
 
     def __init__(
         self,
@@ -49,7 +49,11 @@ class SimulatedEngine:
         model: str,
         max_model_len: int,
         engine_id: str | None = None,
+        role: EngineRole = "mixed",
+        host_ip: str = "127.0.0.1",
     ) -> None:
+        """`role` and `host_ip` are every kind's constructor arguments; the simulator plays any role alike
+        and listens where its replica says."""
         self.config = config
         self.model = model
         self.tokenizer = tokenizer

@@ -11,8 +11,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from app.router.hashing import BlockHash
-from app.router.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from app.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from app.kv.hashing import BlockHash
 
 
 @dataclass(slots=True, eq=False)

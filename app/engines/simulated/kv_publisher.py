@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from app.engines.protocol import Engine
 from app.engines.zmq_socket import ZMQSocketTask
+from app.protocol.engine import Engine
 
 logger = logging.getLogger(__name__)
 

@@ -20,12 +20,12 @@ import yaml
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from app.api.http import PROMETHEUS_CONTENT_TYPE, OpenAIHTTP, install_error_handlers
-from app.api.serving import OpenAIServing, ServedModel
 from app.engines.simulated.config import SimulatedEngineConfig
 from app.engines.simulated.engine import SimulatedEngine
 from app.engines.simulated.kv_publisher import KVEventPublisher
-from app.router.hashing import get_hasher
+from app.kv.hashing import get_hasher
+from app.openai.engine_serving import OpenAIServing, ServedModel
+from app.openai.http import PROMETHEUS_CONTENT_TYPE, OpenAIHTTP, install_error_handlers
 from app.tokenizer import BUILTIN_TOKENIZER_DIR, PromptTokenizer
 
 

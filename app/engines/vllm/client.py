@@ -15,14 +15,14 @@ from typing import Any
 
 import httpx
 
-from app.engines.protocol import (
+from app.protocol.engine import (
     EngineOutput,
     EngineRequest,
     EngineUnavailableError,
     TokenLogprob,
     TopLogprob,
 )
-from app.engines.server_errors import refusal, stream_error
+from app.protocol.server_errors import refusal, stream_error
 from app.tokenizer import PromptTokenizer
 
 

@@ -19,7 +19,12 @@ from collections.abc import AsyncIterator
 
 import httpx
 
-from app.engines.protocol import (
+from app.engines.vllm.client import VLLMCompletionsClient, token_text
+from app.engines.vllm.config import VLLMEngineConfig
+from app.engines.vllm.kv_events import KVEventSubscriber
+from app.engines.vllm.metrics import MetricsFormatError, engine_stats
+from app.engines.vllm.process import EngineRole, VLLMServerProcess, free_port, server_argv, server_env
+from app.protocol.engine import (
     CacheConfig,
     EngineOutput,
     EngineRequest,
@@ -27,11 +32,6 @@ from app.engines.protocol import (
     EngineUnavailableError,
     merge_outputs,
 )
-from app.engines.vllm.client import VLLMCompletionsClient, token_text
-from app.engines.vllm.config import VLLMEngineConfig
-from app.engines.vllm.kv_events import KVEventSubscriber
-from app.engines.vllm.metrics import MetricsFormatError, engine_stats
-from app.engines.vllm.process import EngineRole, VLLMServerProcess, free_port, server_argv, server_env
 from app.tokenizer import PromptTokenizer
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def _http_url(host: str, port: int) -> str:
 
 
 class VLLMServerEngine:
-    """Implements app.engines.protocol.Engine over a vLLM OpenAI server it starts and stops."""
+    """Implements app.protocol.engine.Engine over a vLLM OpenAI server it starts and stops."""
 
     def __init__(
         self,

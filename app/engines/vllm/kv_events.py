@@ -14,7 +14,7 @@ import collections
 import logging
 
 from app.engines.zmq_socket import ZMQSocketTask
-from app.router.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventDecodeError, decode_batch
+from app.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventDecodeError, decode_batch
 
 logger = logging.getLogger(__name__)
 

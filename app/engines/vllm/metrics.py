@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import time
 
-from app.engines.protocol import CacheConfig, EngineStats
+from app.protocol.engine import CacheConfig, EngineStats
 
 _GAUGES = {
     "vllm:num_requests_running": "num_requests_running",

@@ -22,15 +22,15 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 
 from app.engines.vllm.config import VLLMEngineConfig
+from app.protocol.engine import EngineRole
 
 logger = logging.getLogger(__name__)
 
-EngineRole = Literal["mixed", "prefill", "decode"]
 
 _CPU_ENV = {
     "VLLM_CPU_OMP_THREADS_BIND": "nobind",  # Ray already places the replica; pinning fights it

@@ -19,12 +19,12 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from app.api.errors import APIError, bad_request, invalid_field
-from app.api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, ModelCard, ModelList
-from app.engines.protocol import EngineRequest, SamplingParams
-from app.router.hashing import BlockHasher, get_hasher
-from app.router.models import ModelEntry, ModelRegistry, UnknownModelError
-from app.router.text_keys import ApproximateBlockKeys, chat_key_text
+from app.kv.hashing import BlockHasher, get_hasher
+from app.kv.text_keys import ApproximateBlockKeys, chat_key_text
+from app.openai.errors import APIError, bad_request, invalid_field
+from app.openai.models import ModelEntry, ModelRegistry, UnknownModelError
+from app.protocol.engine import EngineRequest, SamplingParams
+from app.protocol.openai import ChatCompletionRequest, ChatMessage, CompletionRequest, ModelCard, ModelList
 from app.tokenizer import LONG_TEXT_CHARS, PromptTokenizer, TemplateError
 
 Endpoint = Literal["chat", "completions"]

@@ -1,7 +1,7 @@
 import msgpack
 import pytest
 
-from app.router.kv_events import (
+from app.kv.events import (
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,

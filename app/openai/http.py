@@ -17,8 +17,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api.errors import APIError, invalid_field, json_body, too_large
-from app.api.serving import Endpoint, OpenAIServing
+from app.openai.engine_serving import Endpoint, OpenAIServing
+from app.openai.errors import APIError, invalid_field, json_body, too_large
 
 logger = logging.getLogger(__name__)
 

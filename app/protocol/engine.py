@@ -12,6 +12,8 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from pydantic import BaseModel, ConfigDict, Field
 
 FinishReason = Literal["stop", "length", "abort"]
+EngineRole = Literal["mixed", "prefill", "decode"]
+"""What an engine replica does: whole requests, or one side of a prefill/decode split."""
 
 
 class SamplingParams(BaseModel):

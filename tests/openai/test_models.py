@@ -1,6 +1,6 @@
 import pytest
 
-from app.router.models import ModelEntry, ModelRegistry, UnknownModelError
+from app.openai.models import ModelEntry, ModelRegistry, UnknownModelError
 
 
 def test_names_and_aliases_resolve_to_the_served_name():

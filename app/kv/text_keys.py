@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 
 import xxhash
 
-from app.router.hashing import BlockHash
+from app.kv.hashing import BlockHash
 
 _ROOT_SEED = 0x6170_7072_6F78  # any fixed value: keys only ever meet keys made here
 _ROLE_END = "\x1f"

@@ -7,7 +7,7 @@ import cbor2
 import pytest
 import xxhash
 
-from app.router.hashing import BlockHasher, external_hash
+from app.kv.hashing import BlockHasher, external_hash
 
 
 def vllm_reference(tokens: list[int], block_size: int, *, seed: str = "0", extra_first=None, extra_rest=None):

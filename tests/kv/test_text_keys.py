@@ -1,6 +1,6 @@
 """Approximate prefix keys, used when the gateway has no tokenizer for a model."""
 
-from app.router.text_keys import ApproximateBlockKeys, chat_key_text
+from app.kv.text_keys import ApproximateBlockKeys, chat_key_text
 
 KEYS = ApproximateBlockKeys(block_size=16, chars_per_token=4.0)  # 64 characters per key
 

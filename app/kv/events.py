@@ -15,7 +15,7 @@ from typing import Any
 
 import msgpack
 
-from app.router.hashing import BlockHash
+from app.kv.hashing import BlockHash
 
 
 class KVEventDecodeError(ValueError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from app.engines.protocol import EngineOverloaded, EngineRequestRejected, EngineUnavailableError
+from app.protocol.engine import EngineOverloaded, EngineRequestRejected, EngineUnavailableError
 
 _OVERLOAD_CODES = (429, 503, "429", "503")
 

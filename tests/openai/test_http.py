@@ -6,9 +6,9 @@ import json
 import httpx
 import pytest
 
-from app.api.errors import APIError
 from app.engines.simulated.config import SimulatedEngineConfig
 from app.engines.simulated.server import create_app
+from app.openai.errors import APIError
 
 FAST = SimulatedEngineConfig(time_scale=0.01)
 CHAT = {"model": "sim-llama", "messages": [{"role": "user", "content": "Hello there, how is the cache?"}]}
@@ -144,8 +144,8 @@ async def test_models_health_and_vllm_metrics(client):
 
 
 async def test_admission_limit_answers_429_with_retry_after():
-    from app.api.serving import OpenAIServing, ServedModel
     from app.engines.simulated.engine import SimulatedEngine
+    from app.openai.engine_serving import OpenAIServing, ServedModel
     from app.tokenizer import BUILTIN_TOKENIZER_DIR, PromptTokenizer
 
     tokenizer = PromptTokenizer.from_dir(BUILTIN_TOKENIZER_DIR)
@@ -169,8 +169,8 @@ async def test_admission_limit_answers_429_with_retry_after():
 
 
 async def test_closing_a_stream_aborts_the_engine_request():
-    from app.engines.protocol import EngineRequest, SamplingParams
     from app.engines.simulated.engine import SimulatedEngine
+    from app.protocol.engine import EngineRequest, SamplingParams
     from app.tokenizer import BUILTIN_TOKENIZER_DIR, PromptTokenizer
 
     engine = SimulatedEngine(SimulatedEngineConfig(), PromptTokenizer.from_dir(BUILTIN_TOKENIZER_DIR),

@@ -1,7 +1,7 @@
 """An engine's own OpenAI server: engine outputs turned into OpenAI responses and streamed chunks.
 
 The simulated engine's standalone server (and anything else that serves an in-process engine) answers
-here, as vLLM's OpenAI server does for vLLM: requests are prepared once (app/api/prepare.py), the
+here, as vLLM's OpenAI server does for vLLM: requests are prepared once (app/openai/prepare.py), the
 engine streams outputs, and this builds the responses. A stream's first chunk goes out with the first
 output, so a refusal before generation is still an HTTP status. The gateway itself does not rebuild
 streams: it relays the engines' answers (app/gateway/relay.py).
@@ -19,15 +19,16 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel
 
-from app.api.errors import APIError, bad_request
-from app.api.metrics import GatewayMetrics
-from app.api.prepare import (
+from app.openai.errors import APIError, bad_request
+from app.openai.metrics import ServingMetrics
+from app.openai.prepare import (
     Endpoint,
     PreparedRequest,
-    RequestPreparer,
     ServedModel,
 )
-from app.api.protocol import (
+from app.openai.serving_base import ServingBase
+from app.protocol.engine import EngineOutput, EngineRequest, EngineRequestRejected, TokenLogprob
+from app.protocol.openai import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -41,24 +42,19 @@ from app.api.protocol import (
     CompletionChunk,
     CompletionLogprobs,
     CompletionResponse,
-    ModelList,
     PromptTokensDetails,
     Usage,
 )
-from app.engines.protocol import EngineOutput, EngineRequest, EngineRequestRejected, TokenLogprob
-from app.router.admission import Admission, AdmissionRequest, AdmissionStage, FleetLoad, UnknownFleet
-from app.router.admission.inflight_limit import InflightLimitParams, InflightLimitStage
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Endpoint", "EngineClient", "OpenAIServing", "ServedModel"]
+__all__ = ["Endpoint", "OpenAIServing", "ServedModel", "StreamingEngine"]
 
 
-class EngineClient(Protocol):
-    """Where a model's requests go: an engine in-process (or anything that streams its outputs)."""
+class StreamingEngine(Protocol):
+    """What an engine's own server serves from: an engine in-process (or anything that streams outputs)."""
 
     def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]: ...
-
 
 
 @dataclass
@@ -94,44 +90,21 @@ class _Result:
         )
 
 
-class ServingBase:
-    """What every OpenAI serving shares: the models and their preparation, metrics, admission."""
+class OpenAIServing(ServingBase):
+    """The OpenAI API over a set of served models, each with an engine that streams outputs."""
 
     def __init__(
         self,
         models: Sequence[ServedModel],
         *,
-        metrics: GatewayMetrics | None = None,
+        metrics: ServingMetrics | None = None,
         max_inflight_requests: int | None = None,
         retry_after_s: float = 1.0,
-        admission_stages: Sequence[AdmissionStage] = (),
-        fleet: FleetLoad | None = None,
     ) -> None:
-        """Admission runs the in-flight limit first, then `admission_stages` in order."""
-        self.preparer = RequestPreparer(models)
-        self.models = self.preparer.models
-        self.metrics = metrics or GatewayMetrics()
-        limit = InflightLimitStage(InflightLimitParams(max_inflight_requests=max_inflight_requests),
-                                   retry_after_s=retry_after_s)
-        self._admission = Admission([limit, *admission_stages])
-        self._fleet = fleet or UnknownFleet()
+        super().__init__(models, metrics=metrics)
+        self._max_inflight = max_inflight_requests
+        self._inflight = 0
         self._retry_after_s = retry_after_s
-
-    def _admit(self, request: AdmissionRequest) -> AdmissionRequest:
-        """Run admission; raises the refusal as an OpenAI error (counted), or returns the ticket to release."""
-        model, endpoint = request.model, request.endpoint
-        refusal = self._admission.admit(request, self._fleet)
-        if refusal is not None:
-            self.metrics.requests.labels(model, endpoint, str(refusal.status)).inc()
-            raise APIError(refusal.status, refusal.message, code=refusal.code, retry_after_s=refusal.retry_after_s)
-        return request
-
-    def list_models(self) -> ModelList:
-        return self.preparer.model_list()
-
-
-class OpenAIServing(ServingBase):
-    """The OpenAI API over a set of served models, each with an engine that streams outputs."""
 
     async def create(self, endpoint: Endpoint, body: Any) -> ChatCompletionResponse | CompletionResponse:
         """A whole (non-streaming) response."""
@@ -198,9 +171,7 @@ class OpenAIServing(ServingBase):
         try:
             return await self.preparer.prepare(self.preparer.validate(endpoint, body))
         except APIError as error:
-            requested = body.get("model") if isinstance(body, dict) else None
-            label = requested if isinstance(requested, str) and requested in self.models else "unknown"
-            self.metrics.requests.labels(label, endpoint, str(error.status_code)).inc()
+            self._count_refusal(endpoint, body, error)
             raise
 
     # -- running a request ---------------------------------------------------------------------
@@ -208,8 +179,11 @@ class OpenAIServing(ServingBase):
     @contextlib.asynccontextmanager
     async def _serve(self, prepared: PreparedRequest) -> AsyncIterator[AsyncIterator[EngineOutput]]:
         """Admission, the engine call, metrics and error mapping around one request."""
-        ticket = self._admit(AdmissionRequest(prepared.model.name, prepared.endpoint,
-                                              priority=prepared.engine_request.priority, stream=prepared.stream))
+        if self._max_inflight is not None and self._inflight >= self._max_inflight:
+            self.metrics.requests.labels(prepared.model.name, prepared.endpoint, "429").inc()
+            raise APIError(429, "The server is at its limit of requests in flight; retry after the indicated delay.",
+                           code="too_many_requests", retry_after_s=self._retry_after_s)
+        self._inflight += 1
         metrics, name = self.metrics, prepared.model.name
         metrics.inflight.inc()
         started = time.monotonic()
@@ -227,7 +201,7 @@ class OpenAIServing(ServingBase):
                 raise APIError(500, "The gateway failed to serve this request; see its logs.") from None
             raise
         finally:
-            self._admission.release(ticket)
+            self._inflight -= 1
             metrics.inflight.dec()
             metrics.requests.labels(name, prepared.endpoint, status).inc()
             if status == "200":

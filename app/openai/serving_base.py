@@ -1,0 +1,29 @@
+"""What every OpenAI serving shares, the gateway's and an engine's own: the served models, request
+preparation and the request metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from app.openai.errors import APIError
+from app.openai.metrics import ServingMetrics
+from app.openai.prepare import Endpoint, RequestPreparer, ServedModel
+from app.protocol.openai import ModelList
+
+
+class ServingBase:
+    """What every OpenAI serving shares: the models and their preparation, and the request metrics."""
+
+    def __init__(self, models: Sequence[ServedModel], *, metrics: ServingMetrics | None = None) -> None:
+        self.preparer = RequestPreparer(models)
+        self.models = self.preparer.models
+        self.metrics = metrics or ServingMetrics()
+
+    def list_models(self) -> ModelList:
+        return self.preparer.model_list()
+
+    def _count_refusal(self, endpoint: Endpoint, body: Any, error: APIError) -> None:
+        requested = body.get("model") if isinstance(body, dict) else None
+        label = requested if isinstance(requested, str) and requested in self.models else "unknown"
+        self.metrics.requests.labels(label, endpoint, str(error.status_code)).inc()
