@@ -145,7 +145,7 @@ def app_config(args: argparse.Namespace, policy: str) -> dict:
 def engine_counters(app: str) -> dict[str, dict]:
     import ray
 
-    from app.deployments.cluster_state import NAMESPACE, actor_name
+    from app.deployments.state_actor import NAMESPACE, actor_name
 
     actor = ray.get_actor(actor_name(app), namespace=NAMESPACE)
     return ray.get(actor.describe.remote(), timeout=10)["replicas"]

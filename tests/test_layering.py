@@ -26,7 +26,7 @@ def imports_of(path: Path) -> set[str]:
 
 def package_of(path: Path) -> str:
     parts = path.relative_to(APP).with_suffix("").parts
-    return parts[0] if len(parts) > 1 else parts[0]
+    return parts[0]
 
 
 def modules_in(*packages: str) -> list[Path]:

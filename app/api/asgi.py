@@ -2,7 +2,7 @@
 
 No web framework on the way: every streamed token passes through here, and a framework's routing,
 middleware and per-chunk machinery cost more CPU than the relay itself (benchmarks/README.md, "The
-data path"). The same app serves the gateway's own listener (app/api/listener.py) and Serve's HTTP
+data path"). The same app serves the gateway's own listener (app/http_listener.py) and Serve's HTTP
 proxy (the ingress deployment hands it to Serve), so both paths behave alike.
 """
 

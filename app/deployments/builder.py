@@ -14,8 +14,8 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from app.config import GatewayConfig, ModelConfig, parse_gateway_config
-from app.deployments.engine import EngineServer
-from app.deployments.external_endpoints import EndpointWatcher
+from app.deployments.endpoint_watcher import EndpointWatcher
+from app.deployments.engine_replica import EngineServer
 from app.deployments.ingress import OpenAIIngress
 
 _ROLE_PREFIX = {"mixed": "engine", "prefill": "prefill", "decode": "decode", "endpoints": "endpoints"}
@@ -28,9 +28,9 @@ def engine_deployment_name(model_name: str, role: str = "mixed") -> str:
 
 # Which Serve request router each routing policy needs on the engine deployments.
 _REQUEST_ROUTERS = {
-    "prefix_aware": "app.deployments.request_router:GatewayRequestRouter",
-    "round_robin": "app.deployments.request_router:GatewayRequestRouter",
-    "custom": "app.deployments.request_router:GatewayRequestRouter",
+    "prefix_aware": "app.deployments.serve_request_router:GatewayRequestRouter",
+    "round_robin": "app.deployments.serve_request_router:GatewayRequestRouter",
+    "custom": "app.deployments.serve_request_router:GatewayRequestRouter",
     "power_of_two": None,  # Serve's built-in default
     "ray_prefix_cache_affinity": (
         "ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router:PrefixCacheAffinityRouter"

@@ -25,16 +25,16 @@ from ray.serve.handle import DeploymentHandle
 
 from app.api.asgi import GatewayASGI
 from app.api.gateway_serving import GatewayServing
-from app.api.listener import HTTPListener
 from app.config import GatewayConfig, ModelConfig
-from app.deployments.cluster_sync import RouterStateSync
 from app.deployments.serve_transport import ServeTransport
+from app.deployments.state_sync import RouterStateSync
 from app.engines.external.config import ExternalEngineConfig
 from app.gateway.client import EngineClient
 from app.gateway.client_builder import ClientBuilder, ModelPlan, Reach, SplitPlan
 from app.gateway.fleet_load import ClusterFleetLoad
 from app.gateway.metrics import DisaggregationMetrics, RouterMetrics, engine_streams_counter
 from app.gateway.routed import HTTPTransport
+from app.http_listener import HTTPListener
 from app.kv.hashing import get_hasher
 from app.kv.text_keys import ApproximateBlockKeys
 from app.openai.metrics import ServingMetrics
@@ -208,6 +208,7 @@ class OpenAIIngress:
             "router_id": self.sync.router_id,
             "fresh": self.cluster.is_fresh(now),
             "policy": self.scheduler.config.policy,
+            "profile": self.scheduler.pipeline.name,
             "ttft_model": self.scheduler.ttft_model.coefficients,
             "listening": None if self.listener is None else f"{self.listener.host}:{self.listener.port}",
             "replicas": {

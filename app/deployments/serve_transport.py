@@ -16,7 +16,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from app.deployments.engine import RelayHead
+from app.deployments.engine_replica import RelayHead
 from app.gateway.errors import EngineOverloaded, NoReplicaAvailable
 from app.gateway.relay import EngineReply, ForwardedCall, accept
 from app.protocol.engine import EngineRequest, EngineUnavailableError

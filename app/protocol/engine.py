@@ -182,29 +182,60 @@ class CacheConfig(BaseModel):
     enable_prefix_caching: bool = True
 
 
-class EngineStats(BaseModel):
-    """A snapshot of an engine's load and counters, with vLLM's metric meanings."""
+class PrefixCacheCounters(BaseModel):
+    """vLLM's prefix-cache counters (prompt tokens, monotonic)."""
+
+    prefix_cache_queries: int = Field(default=0, description="Prompt tokens looked up in the prefix cache.")
+    prefix_cache_hits: int = Field(default=0, description="Prompt tokens found in the prefix cache.")
+    external_prefix_cache_queries: int = Field(default=0, description="Prompt tokens looked up through a KV connector.")
+    external_prefix_cache_hits: int = Field(default=0, description="Prompt tokens received through a KV connector.")
+
+
+class EngineCounters(PrefixCacheCounters):
+    """Every monotonic counter of vLLM's that the gateway reads (token counts unless named otherwise)."""
+
+    prompt_tokens: int = Field(default=0, description="Prefill tokens processed.")
+    generation_tokens: int = Field(default=0, description="Generation tokens processed.")
+    request_success: int = Field(default=0, description="Requests that finished.")
+    num_preemptions: int = Field(default=0, description="Preemptions of running requests.")
+
+
+class EngineLoad(PrefixCacheCounters):
+    """What routers read of an engine: its load and prefix-cache counters, named as vLLM's metrics are."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    num_requests_running: int = Field(default=0, description="Requests in the running batch.")
+    num_requests_waiting: int = Field(default=0, description="Requests waiting to be scheduled.")
+    kv_cache_usage_perc: float = Field(default=0.0, ge=0.0, le=1.0, description="Fraction of KV blocks in use.")
+    timestamp: float = Field(default=0.0, description="Wall-clock time of the snapshot (seconds since the epoch).")
+
+    def signature(self) -> tuple[float, ...]:
+        """Everything but the time of the snapshot: equal signatures mean nothing changed."""
+        return (self.num_requests_running, self.num_requests_waiting, self.kv_cache_usage_perc,
+                self.prefix_cache_queries, self.prefix_cache_hits, self.external_prefix_cache_queries,
+                self.external_prefix_cache_hits)
+
+
+class EngineStats(EngineLoad, EngineCounters):
+    """A snapshot of an engine: its load, every counter and its cache geometry."""
 
     engine_id: str
     model: str
-    num_requests_running: int
-    num_requests_waiting: int
-    kv_cache_usage_perc: float = Field(ge=0.0, le=1.0, description="Fraction of KV blocks in use (0..1).")
-    prefix_cache_queries: int = Field(description="Prompt tokens looked up in the prefix cache (counter).")
-    prefix_cache_hits: int = Field(description="Prompt tokens found in the prefix cache (counter).")
-    external_prefix_cache_queries: int = 0
-    external_prefix_cache_hits: int = 0
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    request_success: int = 0
-    num_preemptions: int = 0
     cache_config: CacheConfig
-    timestamp: float = Field(description="Wall-clock time of the snapshot (seconds since the epoch).")
+
+    def load(self) -> EngineLoad:
+        """The part routers read (what crosses to the state actor)."""
+        return EngineLoad.model_construct(**{name: getattr(self, name) for name in EngineLoad.model_fields})
 
 
 @runtime_checkable
 class Engine(Protocol):
-    """What the gateway needs from an engine."""
+    """What the gateway needs from an engine.
+
+    Every engine also serves its own OpenAI API, which ingresses relay answers from: either it has an
+    `endpoint_url` once started (a vLLM server), or an `async serve_http(node_ip) -> str | None` that the
+    replica calls to start one (the simulator)."""
 
     engine_id: str
 

@@ -38,6 +38,8 @@ class Fleet:
     id_hashes: np.ndarray
     batch_capacity: np.ndarray
     """Each engine's max_num_seqs (infinite where unknown)."""
+    everyone: np.ndarray
+    """All True, one per replica (read-only): the mask of a filter that keeps everyone."""
 
     @classmethod
     def of(cls, states: list[ReplicaState], bit_of: Callable[[str], int | None], version: int) -> Fleet:
@@ -51,7 +53,13 @@ class Fleet:
             block_sizes=np.array([s.info.block_size for s in states], dtype=np.int64),
             id_hashes=np.array([xxhash.xxh3_64_intdigest(i.encode()) for i in ids], dtype=np.uint64),
             batch_capacity=np.array([s.info.max_num_seqs or np.inf for s in states], dtype=np.float64),
+            everyone=_read_only(np.ones(len(states), dtype=bool)),
         )
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array
 
 
 class FleetView:
@@ -78,18 +86,20 @@ class FleetView:
 
     @cached_property
     def _signals(self) -> np.ndarray:
-        n = len(self.fleet.states)
-        return np.array(
-            [
-                (s.load, s.pending_prefill_tokens, s.stats.num_requests_waiting, s.stats.kv_cache_usage_perc)
-                for s in self.fleet.states
-            ],
-            dtype=np.float64,
-        ).reshape(n, 4).T
+        # Runs per replica per decision: attributes read once each, ReplicaState.load inlined.
+        rows = []
+        for s in self.fleet.states:
+            stats = s.stats
+            waiting = stats.num_requests_waiting
+            reported = stats.num_requests_running + waiting
+            inflight = s.inflight
+            rows.append((reported if reported > inflight else inflight, s.pending_prefill_tokens, waiting,
+                         stats.kv_cache_usage_perc))
+        return np.array(rows, dtype=np.float64).reshape(len(rows), 4).T
 
     @property
     def load(self) -> np.ndarray:
-        """Running plus waiting requests (or this router's own in-flight count, if larger)."""
+        """Running plus waiting requests, or this router's own in-flight count if larger (ReplicaState.load)."""
         return self._signals[0]
 
     @property

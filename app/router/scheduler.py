@@ -6,7 +6,7 @@ weights), and the picker ranks every candidate, deterministically. Built-in poli
 queue and the prompt tokens it would have to prefill, calibrated online, with a guard so cache
 affinity can never pile load onto one replica; `round_robin` and `power_of_two` are the load-only
 baselines. (Ray's own PrefixCacheAffinityRouter is the third baseline; it runs inside Serve's handle,
-see app/deployments/request_router.py, and the benchmarks drive it in virtual time.)
+see app/deployments/serve_request_router.py, and the benchmarks drive it in virtual time.)
 """
 
 from __future__ import annotations
@@ -63,14 +63,15 @@ class Pipeline:
     def run_filters(self, view: FleetView) -> list[FilterResult]:
         """Each filter's mask, given what the earlier ones left; one that would leave nobody is set aside."""
         results = []
-        passed = np.ones(len(view), dtype=bool)
+        passed = view.fleet.everyone
         for plugin in self.filters:
             mask = plugin.mask(view, passed)
-            bypassed = not bool((passed & mask).any())
+            kept = passed & mask
+            bypassed = not kept.any()
             if bypassed:
-                mask = np.ones(len(view), dtype=bool)
-            results.append(FilterResult(mask=mask, filter=plugin, bypassed=bypassed))
-            passed = passed & mask
+                mask, kept = view.fleet.everyone, passed
+            results.append(FilterResult(mask=mask, kept=kept, filter=plugin, bypassed=bypassed))
+            passed = kept
         return results
 
     def cost(self, view: FleetView) -> np.ndarray | None:

@@ -16,6 +16,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.kv.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from app.protocol.engine import EngineLoad
 from app.router.prefix_index import PrefixIndex, SpeculativeEntries
 
 ReplicaRole = Literal["mixed", "prefill", "decode"]
@@ -45,25 +46,8 @@ class ReplicaInfo(BaseModel):
     )
 
 
-class ReplicaStats(BaseModel):
-    """Load signals, named as vLLM's metrics are."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    num_requests_running: int = 0
-    num_requests_waiting: int = 0
-    kv_cache_usage_perc: float = 0.0
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    external_prefix_cache_queries: int = 0
-    external_prefix_cache_hits: int = 0
-    timestamp: float = 0.0
-
-    def signature(self) -> tuple[float, ...]:
-        """Everything but the time of the snapshot: equal signatures mean nothing changed."""
-        return (self.num_requests_running, self.num_requests_waiting, self.kv_cache_usage_perc,
-                self.prefix_cache_queries, self.prefix_cache_hits, self.external_prefix_cache_queries,
-                self.external_prefix_cache_hits)
+ReplicaStats = EngineLoad
+"""An engine's load signals as the router keeps them (one definition, in app/protocol/engine.py)."""
 
 
 @dataclass(slots=True)

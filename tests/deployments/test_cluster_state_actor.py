@@ -6,8 +6,8 @@ from types import SimpleNamespace
 from typing import Any
 
 from app.config import ClusterStateConfig
-from app.deployments.cluster_state import ClusterStateActor
-from app.deployments.cluster_sync import RouterStateSync
+from app.deployments.state_actor import ClusterStateActor
+from app.deployments.state_sync import RouterStateSync
 from app.router.state import ClusterState, ReplicaInfo
 
 PROMPT_BLOCKS = [11, 12, 13, 14]

@@ -21,8 +21,8 @@ from ray import serve
 
 from app.config import parse_gateway_config
 from app.deployments.builder import build_gateway
-from app.deployments.cluster_state import NAMESPACE, actor_name
-from app.deployments.external_endpoints import external_replica_id
+from app.deployments.endpoint_watcher import external_replica_id
+from app.deployments.state_actor import NAMESPACE, actor_name
 from app.tokenizer import BUILTIN_TOKENIZER_DIR
 from tests.helpers import (
     SimServer,

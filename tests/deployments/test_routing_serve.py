@@ -12,7 +12,7 @@ from ray import serve
 
 from app.config import parse_gateway_config
 from app.deployments.builder import build_gateway
-from app.deployments.cluster_state import NAMESPACE, actor_name
+from app.deployments.state_actor import NAMESPACE, actor_name
 from tests.helpers import listen_on_free_port, start_local_serve, stop_local_serve, wait_for
 
 pytestmark = pytest.mark.serve

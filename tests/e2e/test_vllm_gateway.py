@@ -11,7 +11,7 @@ from ray import serve
 
 from app.config import parse_gateway_config
 from app.deployments.builder import build_gateway
-from app.deployments.cluster_state import NAMESPACE, actor_name
+from app.deployments.state_actor import NAMESPACE, actor_name
 from tests.e2e.conftest import engine_processes, vllm_cpu_engine
 from tests.helpers import free_port, metric_sample, start_local_serve, stop_local_serve, wait_for
 

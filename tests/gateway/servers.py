@@ -7,8 +7,8 @@ import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from app.api.listener import HTTPListener
 from app.gateway.routed import HTTPTransport, RoutedClient
+from app.http_listener import HTTPListener
 from app.router.scheduler import Scheduler
 from app.router.state import ClusterState, ReplicaInfo
 from app.upstream import UpstreamPool

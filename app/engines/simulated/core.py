@@ -21,7 +21,7 @@ from app.engines.simulated.kv_cache import KVBlock, KVCache
 from app.engines.simulated.timing import StepWork, step_duration
 from app.kv.events import KVEvent
 from app.kv.hashing import BlockHash, external_hash, get_hasher
-from app.protocol.engine import CacheConfig, EngineRequest, EngineRequestRejected, FinishReason
+from app.protocol.engine import CacheConfig, EngineCounters, EngineRequest, EngineRequestRejected, FinishReason
 
 
 @dataclass(slots=True)
@@ -67,20 +67,6 @@ class _Sequence:
         return len(self.token_ids) - self.num_prompt_tokens
 
 
-@dataclass(slots=True)
-class CoreCounters:
-    """Monotonic counters with vLLM's meanings (token counts unless named otherwise)."""
-
-    prefix_cache_queries: int = 0
-    prefix_cache_hits: int = 0
-    external_prefix_cache_queries: int = 0
-    external_prefix_cache_hits: int = 0
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    request_success: int = 0
-    num_preemptions: int = 0
-
-
 class SimulatedEngineCore:
     """Deterministic engine state machine: add requests, then call step(now) repeatedly."""
 
@@ -105,7 +91,7 @@ class SimulatedEngineCore:
         self.cache = KVCache(
             config.num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching
         )
-        self.counters = CoreCounters()
+        self.counters = EngineCounters()
         self._hasher = get_hasher(config.hash_algo, config.hash_seed)
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []

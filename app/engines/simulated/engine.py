@@ -14,6 +14,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from app.engines.simulated.config import SimulatedEngineConfig
 from app.engines.simulated.core import CoreOutput, SimulatedEngineCore
@@ -21,6 +22,9 @@ from app.engines.simulated.metrics import EngineMetrics
 from app.kv.events import encode_batch
 from app.protocol.engine import CacheConfig, EngineOutput, EngineRequest, EngineRole, EngineStats, merge_outputs
 from app.tokenizer import IncrementalDetokenizer, PromptTokenizer
+
+if TYPE_CHECKING:
+    from app.http_listener import HTTPListener
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +61,7 @@ class SimulatedEngine:
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
+        self._http: HTTPListener | None = None
         special = tokenizer.special_token_ids
         # Generate only tokens that decode to whole characters, so answers are readable text.
         vocab = [
@@ -87,8 +92,26 @@ class SimulatedEngine:
         if self._loop_task is None:
             self._loop_task = asyncio.create_task(self._run(), name=f"sim-engine-{self.engine_id}")
 
+    async def serve_http(self, node_ip: str) -> str | None:
+        """Serve this engine's OpenAI API at `config.server_host`, as a vLLM replica's server does, so
+        ingresses relay answers straight from it; its URL (None: `server_host: null`, no server)."""
+        host = self.config.server_host
+        if host is None:
+            return None
+        from app.engines.simulated.server import create_app  # FastAPI: only engines that serve need it
+        from app.http_listener import HTTPListener
+
+        app = create_app(self.config, model=self.model, max_model_len=self.core.max_model_len, engine=self)
+        self._http = HTTPListener(app, host, 0, name="engine server")
+        await self._http.start()
+        public = node_ip if host in ("0.0.0.0", "::") else host
+        return f"http://[{public}]:{self._http.port}" if ":" in public else f"http://{public}:{self._http.port}"
+
     async def shutdown(self) -> None:
         self._closed = True
+        if self._http is not None:
+            await self._http.stop()
+            self._http = None
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -110,21 +133,13 @@ class SimulatedEngine:
         return self.core.cache_config
 
     def stats(self) -> EngineStats:
-        c = self.core.counters
         return EngineStats(
             engine_id=self.engine_id,
             model=self.model,
             num_requests_running=self.core.num_running,
             num_requests_waiting=self.core.num_waiting,
             kv_cache_usage_perc=self.core.cache.usage,
-            prefix_cache_queries=c.prefix_cache_queries,
-            prefix_cache_hits=c.prefix_cache_hits,
-            external_prefix_cache_queries=c.external_prefix_cache_queries,
-            external_prefix_cache_hits=c.external_prefix_cache_hits,
-            prompt_tokens=c.prompt_tokens,
-            generation_tokens=c.generation_tokens,
-            request_success=c.request_success,
-            num_preemptions=c.num_preemptions,
+            **self.core.counters.model_dump(),
             cache_config=self.core.cache_config,
             timestamp=time.time(),
         )

@@ -8,24 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from app.protocol.engine import EngineStats
+from app.metrics import MetricSet
+from app.protocol.engine import EngineCounters, EngineStats
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
                     20.0, 40.0, 80.0)
-_COUNTERS = {
-    "prefix_cache_queries": "Prompt tokens looked up in the prefix cache.",
-    "prefix_cache_hits": "Prompt tokens found in the prefix cache.",
-    "external_prefix_cache_queries": "Prompt tokens looked up through a KV connector.",
-    "external_prefix_cache_hits": "Prompt tokens received through a KV connector.",
-    "prompt_tokens": "Prefill tokens processed.",
-    "generation_tokens": "Generation tokens processed.",
-    "request_success": "Requests that finished.",
-    "num_preemptions": "Preemptions of running requests.",
-}
+_COUNTERS = {name: field.description or name for name, field in EngineCounters.model_fields.items()}
 
 
 class _StatsCollector(Collector):
@@ -62,17 +54,16 @@ class _StatsCollector(Collector):
         yield info
 
 
-class EngineMetrics:
+class EngineMetrics(MetricSet):
     """Per-engine registry: stats-backed gauges/counters plus request latency histograms."""
 
     def __init__(self, *, model: str, engine: str, stats: Callable[[], EngineStats]) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        super().__init__()
         labels = {"model_name": model, "engine": engine}
         self.registry.register(_StatsCollector(labels, stats))
 
         def histogram(name: str, doc: str) -> Histogram:
-            metric = Histogram(name, doc, list(labels), registry=self.registry, buckets=_LATENCY_BUCKETS)
-            return metric.labels(**labels)
+            return self.histogram(name, doc, list(labels), _LATENCY_BUCKETS).labels(**labels)
 
         self._ttft = histogram("vllm:time_to_first_token_seconds", "Time to first token.")
         self._itl = histogram("vllm:inter_token_latency_seconds", "Time between output tokens.")
@@ -88,6 +79,3 @@ class EngineMetrics:
 
     def observe_finish(self, arrival: float, now: float) -> None:
         self._e2e.observe(now - arrival)
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import time
 
-from app.protocol.engine import CacheConfig, EngineStats
+from app.protocol.engine import CacheConfig, EngineCounters, EngineStats
 
 _GAUGES = {
     "vllm:num_requests_running": "num_requests_running",
@@ -97,14 +97,7 @@ def engine_stats(
         num_requests_running=int(values["num_requests_running"]),
         num_requests_waiting=int(values["num_requests_waiting"]),
         kv_cache_usage_perc=min(1.0, max(0.0, values["kv_cache_usage_perc"] / ranks)),
-        prefix_cache_queries=int(values.get("prefix_cache_queries", 0)),
-        prefix_cache_hits=int(values.get("prefix_cache_hits", 0)),
-        external_prefix_cache_queries=int(values.get("external_prefix_cache_queries", 0)),
-        external_prefix_cache_hits=int(values.get("external_prefix_cache_hits", 0)),
-        prompt_tokens=int(values.get("prompt_tokens", 0)),
-        generation_tokens=int(values.get("generation_tokens", 0)),
-        request_success=int(values.get("request_success", 0)),
-        num_preemptions=int(values.get("num_preemptions", 0)),
+        **{name: int(values.get(name, 0)) for name in EngineCounters.model_fields},
         cache_config=cache,
         timestamp=time.time(),
     )

@@ -70,6 +70,9 @@ class Ranking:
 @dataclass(slots=True)
 class FilterResult:
     mask: np.ndarray
+    """The filter's own answer (all True when it was set aside)."""
+    kept: np.ndarray
+    """What this filter and every earlier one kept."""
     filter: Filter
     bypassed: bool
 

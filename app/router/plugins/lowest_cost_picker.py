@@ -47,11 +47,7 @@ class LowestCostPicker:
             np.floor(cost / self.quantum).astype(np.int64) if cost is not None else np.zeros(len(view), np.int64)
         )
         # np.lexsort's last key is the most significant: kept by every filter, then by all but the last...
-        kept: list[np.ndarray] = []
-        passed = np.ones(len(view), dtype=bool)
-        for result in filters:
-            passed = passed & result.mask
-            kept.append(~passed)
+        kept = [~result.kept for result in filters]
         keys = (tiebreak, quantized)
         order = np.lexsort((*keys, *kept))
         best = int(order[0])

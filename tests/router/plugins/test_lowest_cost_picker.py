@@ -19,7 +19,8 @@ def test_the_cheapest_replica_first_and_every_replica_ranked():
 def test_replicas_a_filter_left_out_come_last_not_never():
     view = make_view(running=[0, 0, 0], blocks=[8, 0, 0])
     guard = LoadGuardFilter(LoadGuardParams(), context())
-    result = FilterResult(mask=np.array([False, True, True]), filter=guard, bypassed=False)
+    mask = np.array([False, True, True])
+    result = FilterResult(mask=mask, kept=mask, filter=guard, bypassed=False)
     ranking = picker().rank(view, [result], np.array([0.0, 0.2, 0.1]))
     assert ranking.order == [2, 1, 0] and ranking.reason == "guard"
 

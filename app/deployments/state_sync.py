@@ -2,7 +2,7 @@
 
 Both loops survive the actor dying: a failed call is logged (once per outage), the handle is looked
 up again by name, and the loop carries on. Nothing on a request's path awaits these loops. Both
-send only what changed (see app/deployments/cluster_state.py), so an idle fleet costs next to nothing.
+send only what changed (see app/deployments/state_actor.py), so an idle fleet costs next to nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from app.config import ClusterStateConfig
-from app.deployments.cluster_state import IndexOp, Report, SyncReply, get_or_create_state_actor
+from app.deployments.state_actor import IndexOp, Report, SyncReply, get_or_create_state_actor
 from app.router.state import ClusterState, ReplicaInfo, ReplicaStats
 
 logger = logging.getLogger(__name__)

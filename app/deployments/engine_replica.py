@@ -19,18 +19,14 @@ from typing import Any
 import ray
 from ray import serve
 
-from app.api.listener import HTTPListener
 from app.config import ClusterStateConfig, ModelConfig
-from app.deployments.cluster_sync import EngineReporter
+from app.deployments.state_sync import EngineReporter
 from app.engines.kinds import create_engine
-from app.engines.simulated.config import SimulatedEngineConfig
 from app.gateway.relay import ForwardedCall
 from app.protocol.engine import EngineRequest, EngineStats, EngineUnavailableError
 from app.router.state import ReplicaInfo, ReplicaRole, ReplicaStats
 from app.tokenizer import PromptTokenizer
 from app.upstream import UpstreamError, UpstreamPool
-
-_ANY_ADDRESS = ("0.0.0.0", "::")
 
 
 @dataclass(frozen=True)
@@ -70,10 +66,11 @@ class EngineServer:
         serve_logger.info("engine %s ready in %.1fs (model %s, role %s)", self.engine.engine_id,
                           time.monotonic() - started, config.name, role)
         self._pool = UpstreamPool()
-        self._http: HTTPListener | None = None
+        # Every kind serves its own OpenAI API: a vLLM server has its URL; the simulator starts one here.
         self.endpoint_url: str | None = getattr(self.engine, "endpoint_url", None)
-        if self.endpoint_url is None and isinstance(engine_config, SimulatedEngineConfig) and engine_config.server_host:
-            self.endpoint_url = await self._serve_http(config, engine_config, engine_config.server_host)
+        serve_http = getattr(self.engine, "serve_http", None)
+        if self.endpoint_url is None and serve_http is not None:
+            self.endpoint_url = await serve_http(ray.util.get_node_ip_address())
         cache = self.engine.cache_config
         info = ReplicaInfo(
             replica_id=self.replica_id,
@@ -98,23 +95,12 @@ class EngineServer:
         )
         self._ensure_reporting()
 
-    async def _serve_http(self, config: ModelConfig, engine_config: SimulatedEngineConfig, host: str) -> str:
-        """Serve the simulated engine's OpenAI API from this replica, as a vLLM replica's server does."""
-        from app.engines.simulated.server import create_app  # FastAPI: only replicas that serve need it
-
-        app = create_app(engine_config, model=config.name, max_model_len=config.max_model_len,
-                         engine=self.engine)  # type: ignore[arg-type]
-        self._http = HTTPListener(app, host, 0, name="engine server")
-        await self._http.start()
-        public = ray.util.get_node_ip_address() if host in _ANY_ADDRESS else host
-        return f"http://[{public}]:{self._http.port}" if ":" in public else f"http://{public}:{self._http.port}"
-
     def _ensure_reporting(self) -> None:
         if self._reporter_task is None or self._reporter_task.done():
             self._reporter_task = asyncio.get_running_loop().create_task(self.reporter.run())
 
     def _routing_stats(self) -> ReplicaStats:
-        return ReplicaStats.model_validate(self.engine.stats().model_dump())
+        return self.engine.stats().load()
 
     async def relay(self, request: EngineRequest, call: ForwardedCall) -> AsyncIterator[Any]:
         """A forwarded call answered by this replica's server, for an ingress that cannot reach the server
@@ -155,6 +141,4 @@ class EngineServer:
         if self._reporter_task is not None:
             self._reporter_task.cancel()
             await self.reporter.unregister()
-        if getattr(self, "_http", None) is not None:
-            await self._http.stop()
         await self.engine.shutdown()

@@ -1,16 +1,11 @@
-"""The gateway's configuration: one pydantic model for the application's `args` and one for a whole
-Serve config file, both rejecting unknown keys with the path of the offending key.
-
-    python -m app.config check configs/local.yaml     # validate a Serve config file
-"""
+"""The gateway's own configuration: the application's `args` (models and their engines, the ingress,
+routing, the cluster-state actor), one strict pydantic model that rejects unknown keys."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from app.engines.external.config import ExternalEngineConfig
@@ -300,84 +295,6 @@ class GatewayConfig(_Strict):
         return self
 
 
-# -- a whole Serve config file ------------------------------------------------------------------
-
-
-class HTTPOptionsConfig(_Strict):
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=1, le=65535)
-    root_path: str = ""
-    request_timeout_s: float | None = None
-    keep_alive_timeout_s: float | None = None
-
-
-class DeploymentOverride(_Strict):
-    """Serve's per-deployment overrides, by deployment name (`ingress`, `engine-<model>`)."""
-
-    name: str
-    num_replicas: int | Literal["auto"] | None = None
-    max_ongoing_requests: int | None = None
-    max_queued_requests: int | None = None
-    autoscaling_config: dict[str, Any] | None = None
-    ray_actor_options: dict[str, Any] | None = None
-    user_config: dict[str, Any] | None = None
-    health_check_period_s: float | None = None
-    health_check_timeout_s: float | None = None
-    graceful_shutdown_timeout_s: float | None = None
-    graceful_shutdown_wait_loop_s: float | None = None
-    placement_group_bundles: list[dict[str, float]] | None = None
-    placement_group_strategy: str | None = None
-    request_router_config: dict[str, Any] | None = None
-    logging_config: dict[str, Any] | None = None
-
-    @field_validator("autoscaling_config")
-    @classmethod
-    def _autoscaling_valid(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None:
-            from ray.serve.config import AutoscalingConfig  # Ray's own checks, which its schema skips
-
-            AutoscalingConfig(**value)
-        return value
-
-
-class ApplicationConfig(_Strict):
-    name: str = "gateway"
-    route_prefix: str = "/"
-    import_path: str = "app.deployments.builder:build_app"
-    runtime_env: dict[str, Any] = Field(default_factory=dict)
-    args: GatewayConfig
-    deployments: list[DeploymentOverride] = Field(default_factory=list)
-
-
-class ServeConfigFile(_Strict):
-    """A `serve run` / `serve deploy` file whose applications are gateways."""
-
-    proxy_location: Literal["Disabled", "HeadOnly", "EveryNode"] = "EveryNode"
-    http_options: HTTPOptionsConfig = Field(default_factory=HTTPOptionsConfig)
-    grpc_options: dict[str, Any] | None = None
-    logging_config: dict[str, Any] | None = None
-    applications: list[ApplicationConfig] = Field(min_length=1)
-
-    @model_validator(mode="after")
-    def _listeners_apart(self) -> ServeConfigFile:
-        ports: dict[int, str] = {}
-        for application in self.applications:
-            listen = application.args.ingress.listen
-            if listen is None:
-                continue
-            if self.proxy_location != "Disabled" and listen.port == self.http_options.port:
-                raise ValueError(
-                    f"application {application.name!r} listens on port {listen.port}, which Serve's HTTP proxy "
-                    "(http_options.port) takes too: set `proxy_location: Disabled` (the gateway's listener is "
-                    "the fast path) or move one of them"
-                )
-            if listen.port in ports:
-                raise ValueError(f"applications {ports[listen.port]!r} and {application.name!r} both listen on port "
-                                 f"{listen.port}: give each its own ingress.listen.port")
-            ports[listen.port] = application.name
-        return self
-
-
 def describe(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
@@ -397,40 +314,3 @@ def parse_gateway_config(args: Any) -> GatewayConfig:
         return GatewayConfig.model_validate(args)
     except ValidationError as error:
         raise ConfigError(f"invalid gateway config (application args):\n{describe(error)}") from None
-
-
-def load_serve_config(path: str | Path) -> ServeConfigFile:
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
-    try:
-        return ServeConfigFile.model_validate(data)
-    except ValidationError as error:
-        raise ConfigError(f"{path}: invalid config:\n{describe(error)}") from None
-
-
-def _check(paths: list[str]) -> int:
-    failed = 0
-    for path in paths:
-        try:
-            load_serve_config(path)
-            print(f"{path}: ok")
-        except (ConfigError, OSError, ValueError) as error:
-            print(error, file=sys.stderr)
-            failed += 1
-    return 1 if failed else 0
-
-
-USAGE = "usage: python -m app.config check FILE [FILE ...]"
-
-
-def main(argv: list[str]) -> int:
-    if len(argv) >= 2 and argv[0] == "check":
-        return _check(argv[1:])
-    print(USAGE, file=sys.stderr)
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -23,7 +23,7 @@ import ray
 from ray import serve
 
 from app.config import ClusterStateConfig, ModelConfig
-from app.deployments.cluster_sync import BatchReporter, EngineReporter
+from app.deployments.state_sync import BatchReporter, EngineReporter
 from app.engines.external.config import ExternalEndpoint, ExternalEngineConfig
 from app.engines.external.kubernetes import KubernetesPodDiscovery
 from app.engines.external.monitor import EndpointMonitor
@@ -121,7 +121,7 @@ class WatchedEndpoint:
 
     def _stats(self) -> ReplicaStats:
         stats = self.monitor.stats
-        return ReplicaStats.model_validate(stats.model_dump()) if stats is not None else ReplicaStats()
+        return stats.load() if stats is not None else ReplicaStats()
 
     def start(self) -> None:
         if self.events is not None:
