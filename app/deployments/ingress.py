@@ -159,7 +159,9 @@ class OpenAIIngress:
                 max_queued={"mixed": external.max_queued_requests},
                 max_attempts=external.max_attempts, avoid_failed_for_s=external.down_after_s,
             )
-            return self.clients.build(plan, Reach(http=HTTPTransport(self._pool(external.connect_timeout_s))))
+            return self.clients.build(
+                plan, Reach(http=HTTPTransport(self._pool(external.connect_timeout_s)), node_id=self._node_id)
+            )
         # Engines the gateway runs take what their deployment says one replica takes; the queue beyond
         # it is the gateway's, bounded like Serve's own handle queue (-1: unbounded).
         groups = {role: model.group(role) for role in model.roles}
