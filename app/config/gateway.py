@@ -171,8 +171,9 @@ class ModelConfig(_Strict):
             return self.tokenizer
         if self.is_external:
             return None
-        if isinstance(self.engine, VLLMEngineConfig) and self.engine.tokenizer_dir is not None:
-            return self.engine.tokenizer_dir
+        engine_tokenizer = getattr(self.engine, "tokenizer_dir", None)  # a kind that loads a model folder
+        if engine_tokenizer is not None:
+            return engine_tokenizer
         return BUILTIN_TOKENIZER_DIR
 
     @field_validator("tokenizer")

@@ -1,2 +1,3 @@
-"""Ray Serve wiring only: the OpenAI ingress, engine replicas, and the app builder `serve run` imports.
-Decisions live in app.router and request handling in app.api; nothing here is imported by them."""
+"""Ray Serve wiring only: the ingress deployment, engine replicas, the endpoint watcher, the state actor and
+its sync loops, the Serve-handle transport and request router, and the app builder `serve run` imports.
+Decisions live in app/router, a request's way in app/gateway and app/api; nothing there imports this."""
