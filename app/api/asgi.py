@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from app.api.gateway_serving import GatewayResponse, GatewayServing
+from app.api.openapi import openapi_document
 from app.openai.errors import APIError, json_body, too_large
 from app.openai.prepare import Endpoint
 
@@ -29,7 +30,8 @@ PROMETHEUS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 _JSON = [(b"content-type", b"application/json")]
 _SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 _GENERATE: dict[str, Endpoint] = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
-_READ = ("/v1/models", "/health", "/metrics")
+_READ = ("/v1/models", "/health", "/metrics", "/openapi.json")
+_MODEL_PREFIX = "/v1/models/"
 
 
 class GatewayASGI:
@@ -61,6 +63,11 @@ class GatewayASGI:
                 if method != "POST":
                     raise APIError(405, "Method Not Allowed")
                 await self._generate(endpoint, scope, receive, send)
+            elif path.startswith(_MODEL_PREFIX) and len(path) > len(_MODEL_PREFIX):
+                if method not in ("GET", "HEAD"):
+                    raise APIError(405, "Method Not Allowed")
+                card = self.serving.model_card(path[len(_MODEL_PREFIX):])
+                await _send(send, 200, _JSON, card.model_dump_json().encode())
             elif path not in _READ:
                 raise APIError(404, "Not Found")
             elif method not in ("GET", "HEAD"):
@@ -69,6 +76,8 @@ class GatewayASGI:
                 await _send(send, 200, _JSON, self.serving.list_models().model_dump_json().encode())
             elif path == "/health":
                 await _send(send, 200, _JSON, b'{"status":"ok"}')
+            elif path == "/openapi.json":
+                await _send(send, 200, _JSON, openapi_document())
             else:
                 await _send(send, 200, [(b"content-type", PROMETHEUS_CONTENT_TYPE)], self._metrics())
         except APIError as error:
@@ -90,9 +99,12 @@ class GatewayASGI:
 
     async def _read_json(self, scope: Scope, receive: Receive) -> object:
         limit = self.max_body_bytes
+        content_type: bytes | None = None
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > limit:
                 raise too_large(limit)
+            if name == b"content-type":
+                content_type = value
         pieces: list[bytes] = []
         size = 0
         while True:
@@ -107,7 +119,7 @@ class GatewayASGI:
                 pieces.append(piece)
             if not message.get("more_body"):
                 break
-        return json_body(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        return json_body(pieces[0] if len(pieces) == 1 else b"".join(pieces), content_type)
 
 
 async def _relay(response: GatewayResponse, receive: Receive, send: Send) -> None:

@@ -204,7 +204,9 @@ class GatewayServing(ServingBase):
 def forward_body(prepared: PreparedRequest) -> dict[str, Any]:
     """The client's body as the engine gets it: the engine's name for the model, and a stream's usage
     always on (the gateway reads it for its metrics, and drops it if the client did not ask)."""
-    body = dict(prepared.body)
+    # An explicit null means the default, as OpenAI reads it; say it by leaving the field out, which
+    # every engine reads the same way.
+    body = {key: value for key, value in prepared.body.items() if value is not None}
     body["model"] = prepared.model.served_name
     if prepared.stream:
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}

@@ -46,6 +46,9 @@ class OpenAIHTTP:
     def models(self) -> JSONResponse:
         return JSONResponse(self.serving.list_models().model_dump())
 
+    def model(self, model_id: str) -> JSONResponse:
+        return JSONResponse(self.serving.model_card(model_id).model_dump())
+
     def metrics(self) -> Response:
         return Response(self.serving.metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)
 
@@ -81,7 +84,7 @@ class OpenAIHTTP:
             body += piece
             if len(body) > self.max_body_bytes:
                 raise too_large(self.max_body_bytes)
-        return json_body(body)
+        return json_body(body, request.headers.get("content-type"))
 
 
 async def _sse(first: BaseModel | None, chunks: AsyncIterator[BaseModel]) -> AsyncIterator[bytes]:
@@ -107,6 +110,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(APIError(exc.status_code, str(exc.detail)))
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -214,7 +214,9 @@ class RequestPreparer:
             self._check_bound(model, len(prompt), "prompt")
             tokenizer = model.tokenizer
             return await _tokenize(lambda: tokenizer.encode(prompt), len(prompt))
-        if not prompt or not all(isinstance(token, int) for token in prompt):
+        if not prompt:
+            raise bad_request("the prompt is empty", param="prompt")
+        if not all(isinstance(token, int) for token in prompt):
             raise bad_request(
                 "batched prompts are not supported; send one request per prompt", param="prompt"
             )

@@ -9,7 +9,7 @@ from typing import Any
 from app.openai.errors import APIError
 from app.openai.metrics import ServingMetrics
 from app.openai.prepare import Endpoint, RequestPreparer, ServedModel
-from app.protocol.openai import ModelList
+from app.protocol.openai import ModelCard, ModelList
 
 
 class ServingBase:
@@ -22,6 +22,11 @@ class ServingBase:
 
     def list_models(self) -> ModelList:
         return self.preparer.model_list()
+
+    def model_card(self, requested: str) -> ModelCard:
+        """One served model by its name or an alias (`GET /v1/models/{id}`); 404 model_not_found if none."""
+        name = self.preparer.resolve(requested).name
+        return next(card for card in self.preparer.model_list().data if card.id == name)
 
     def _count_refusal(self, endpoint: Endpoint, body: Any, error: APIError) -> None:
         requested = body.get("model") if isinstance(body, dict) else None

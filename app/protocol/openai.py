@@ -1,8 +1,9 @@
 """OpenAI API bodies as pydantic models: the requests we accept and the responses we send.
 
-Unknown request fields are ignored, as OpenAI clients send many optional ones; fields whose
-meaning we cannot honour (n > 1, tools, logprobs, ...) are rejected by the serving layer with a
-clear message instead of being silently dropped.
+Requests are read as OpenAI reads them: types are strict (`"8"` is not a number, `"true"` not a
+boolean), and an explicit `null` means the field's default (the official client sends `null` for an
+argument set to None). Unknown fields are ignored here, as clients send many optional ones; the
+gateway forwards the client's body, so the engine sees them as sent.
 """
 
 from __future__ import annotations
@@ -10,11 +11,18 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and None in data.values():
+            return {key: value for key, value in data.items() if value is not None}
+        return data
 
 
 class StreamOptions(_Request):

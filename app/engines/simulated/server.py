@@ -3,7 +3,7 @@
     python -m app.engines.simulated --port 8100 [--model sim-llama] [--engine-config engine.yaml]
         [--kv-events-endpoint tcp://127.0.0.1:5557]
 
-Serves /v1/completions, /v1/chat/completions (streaming and not), /v1/models, /health and /metrics
+Serves /v1/completions, /v1/chat/completions (streaming and not), /v1/models[/{id}], /health and /metrics
 (vLLM metric names), so any HTTP router or benchmark tool can drive it. With --kv-events-endpoint it
 also publishes its KV-cache events over ZMQ, as vLLM's zmq publisher does.
 """
@@ -86,6 +86,10 @@ def create_app(
     @app.get("/v1/models")
     async def models() -> JSONResponse:
         return http.models()
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> JSONResponse:
+        return http.model(model_id)
 
     @app.get("/health")
     async def health() -> Response:
