@@ -152,19 +152,29 @@ class PromptTokenizer:
     def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
+    def render_chat(
+        self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
+        """`tools`: the request's tool definitions, given to the template as vLLM gives them (only when the
+        request has some, so a template's `tools is defined` reads alike)."""
         if self._chat_template is None:
             raise TemplateError("this model's tokenizer has no chat template; use /v1/completions")
+        extra = {"tools": tools} if tools else {}
         return self._chat_template.render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "",
             eos_token=self.eos_token or "",
+            **extra,
         )
 
-    def encode_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[int]:
         # The template writes BOS itself, so the post-processor must not add a second one.
-        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt)
+        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt, tools=tools)
         if self._segments is not None and self._segments.enabled:
             return self._segments.encode(text)
         return self.encode(text, add_special_tokens=False)

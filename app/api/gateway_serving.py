@@ -83,12 +83,21 @@ class GatewayServing(ServingBase):
         fleet: FleetLoad | None = None,
     ) -> None:
         """Admission runs the in-flight limit first, then `admission_stages` in order."""
-        super().__init__(models, metrics=metrics)
+        super().__init__(models, metrics=metrics, forwards_bodies=True, on_key_fallback=self._key_fallback)
+        self._fallbacks_said: set[tuple[str, str]] = set()
         limit = InflightLimitStage(InflightLimitParams(max_inflight_requests=max_inflight_requests),
                                    retry_after_s=retry_after_s)
         self._admission = Admission([limit, *admission_stages])
         self._fleet = fleet or UnknownFleet()
         self._retry_after_s = retry_after_s
+
+    def _key_fallback(self, model: str, reason: str) -> None:
+        self.metrics.key_fallbacks.labels(model, reason).inc()
+        if (model, reason) not in self._fallbacks_said:
+            self._fallbacks_said.add((model, reason))  # said once per ingress replica; the metric counts
+            logger.warning("model %s: a request has %s, which the engine renders into tokens the gateway cannot "
+                           "compute; such requests are routed on load, not prefix keys "
+                           "(gateway_prefix_key_fallbacks_total)", model, reason.replace("_", " "))
 
     def _admit(self, request: AdmissionRequest) -> AdmissionRequest:
         """Run admission; raises the refusal as an OpenAI error (counted), or returns the ticket to release."""

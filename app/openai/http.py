@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections import deque
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -36,6 +37,9 @@ class OpenAIHTTP:
     def __init__(self, serving: OpenAIServing, *, max_body_bytes: int) -> None:
         self.serving = serving
         self.max_body_bytes = max_body_bytes
+        self.received: deque[object] = deque(maxlen=64)
+        """The latest request bodies as they arrived: what a client (or a gateway in front) sent, for tests
+        that check no field was dropped on the way."""
 
     async def chat_completions(self, request: Request) -> Response:
         return await self._generate("chat", request)
@@ -84,7 +88,9 @@ class OpenAIHTTP:
             body += piece
             if len(body) > self.max_body_bytes:
                 raise too_large(self.max_body_bytes)
-        return json_body(body, request.headers.get("content-type"))
+        parsed = json_body(body, request.headers.get("content-type"))
+        self.received.append(parsed)
+        return parsed
 
 
 async def _sse(first: BaseModel | None, chunks: AsyncIterator[BaseModel]) -> AsyncIterator[bytes]:

@@ -24,3 +24,9 @@ class ServingMetrics(MetricSet):
         )
         self.generation_tokens = self.counter("gateway_generation_tokens", "Generated tokens.", ["model"])
         self.inflight = self.gauge("gateway_inflight_requests", "Requests being served now.")
+        self.key_fallbacks = self.counter(
+            "gateway_prefix_key_fallbacks",
+            "Requests routed on load alone because the gateway cannot render their prompt as the engine will, "
+            "by reason: content_parts (images and other non-text parts), tool_messages (tool calls or results "
+            "in the conversation).", ["model", "reason"],
+        )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
@@ -101,12 +101,28 @@ class PreparedRequest:
         return self.engine_request.request_id
 
 
-class RequestPreparer:
-    """Validation, model resolution, tokenization and routing keys for a set of served models."""
+KeyFallback = Callable[[str, str], None]
+"""Told (model, reason) when a request's prefix keys cannot be computed exactly and it is routed on load."""
 
-    def __init__(self, models: Sequence[ServedModel]) -> None:
+
+class RequestPreparer:
+    """Validation, model resolution, tokenization and routing keys for a set of served models.
+
+    `forwards_bodies`: the gateway's mode. The client's body goes to the engine, which decides what it
+    can do (tools, structured outputs, n, echo, images ...), so nothing is refused here for want of
+    support; a request whose prompt the gateway cannot render as the engine will (images, tool calls in
+    the conversation) is routed on load, never on keys that may be wrong, and `on_key_fallback` hears of
+    it. Otherwise (an engine's own server), what the in-process engine cannot do is refused, naming it.
+    """
+
+    def __init__(
+        self, models: Sequence[ServedModel], *, forwards_bodies: bool = False,
+        on_key_fallback: KeyFallback | None = None,
+    ) -> None:
         self.models = {model.name: model for model in models}
         self._registry = ModelRegistry(ModelEntry(m.name, m.aliases) for m in models)
+        self.forwards_bodies = forwards_bodies
+        self._on_key_fallback = on_key_fallback
 
     def model_list(self) -> ModelList:
         return ModelList(data=[
@@ -132,12 +148,15 @@ class RequestPreparer:
         except ValidationError as error:
             raise invalid_field(error.errors()) from None
         model = self.resolve(request.model)
-        if isinstance(request, ChatCompletionRequest):
-            _reject_unsupported_chat(request)
-        else:
-            _reject_unsupported_completion(request)
-        if request.n != 1:
-            raise bad_request("only n=1 is supported; send one request per choice", param="n")
+        if isinstance(request, ChatCompletionRequest) and request.top_logprobs is not None and not request.logprobs:
+            raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
+        if not self.forwards_bodies:
+            if isinstance(request, ChatCompletionRequest):
+                _reject_unsupported_chat(request)
+            else:
+                _reject_unsupported_completion(request)
+            if request.n != 1:
+                raise bad_request("only n=1 is supported; send one request per choice", param="n")
         return Validated(endpoint, body, request, model)
 
     async def prepare(self, validated: Validated) -> PreparedRequest:
@@ -145,11 +164,17 @@ class RequestPreparer:
         endpoint, model, request = validated.endpoint, validated.model, validated.request
         messages: list[dict[str, str]] | None = None
         text: str | None = None
+        unrenderable: str | None = None
         if isinstance(request, ChatCompletionRequest):
-            messages = _text_messages(request.messages)
-            if model.tokenizer is not None:
+            unrenderable = _unrenderable(validated.body) if self.forwards_bodies else None
+            messages = _text_messages(request.messages, refuse_other_parts=unrenderable is None)
+            if unrenderable is not None:
+                self._key_fallback(model, unrenderable)
+                prompt = []
+            elif model.tokenizer is not None:
                 self._check_bound(model, sum(len(m["content"]) for m in messages), "messages")
-                prompt = await _tokenize(lambda: _chat_prompt(model, messages), _chars(messages))
+                tools = request.tools
+                prompt = await _tokenize(lambda: _chat_prompt(model, messages, tools), _chars(messages))
             else:
                 prompt = []
             max_tokens = request.max_completion_tokens or request.max_tokens
@@ -162,7 +187,10 @@ class RequestPreparer:
                 else min(DEFAULT_COMPLETION_MAX_TOKENS, max(model.max_model_len - len(prompt), 1))
             )
             logprobs = request.logprobs
-        if prompt or model.tokenizer is not None:
+        if unrenderable is not None:
+            # The engine renders it; it checks the length too.
+            block_hashes, estimate, chat_messages = [], None, None
+        elif prompt or model.tokenizer is not None:
             max_tokens = _check_length(model, len(prompt), max_tokens)
             block_hashes = model.hasher.block_hashes(prompt, model.block_size)
             estimate, chat_messages = None, None
@@ -228,6 +256,10 @@ class RequestPreparer:
             raise bad_request(f"token id {bad} is outside the vocabulary (size {vocab})", param="prompt")
         return list(prompt)  # type: ignore[arg-type]
 
+    def _key_fallback(self, model: ServedModel, reason: str) -> None:
+        if self._on_key_fallback is not None:
+            self._on_key_fallback(model.name, reason)
+
     @staticmethod
     def _check_bound(model: ServedModel, num_chars: int, param: str) -> None:
         """Refuse a prompt that cannot fit the context whatever its tokens, without tokenizing it."""
@@ -253,10 +285,12 @@ async def _tokenize(encode: Any, num_chars: int) -> list[int]:
     return await asyncio.to_thread(encode)
 
 
-def _chat_prompt(model: ServedModel, messages: list[dict[str, str]]) -> list[int]:
+def _chat_prompt(
+    model: ServedModel, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None
+) -> list[int]:
     assert model.tokenizer is not None
     try:
-        return model.tokenizer.encode_chat(messages)
+        return model.tokenizer.encode_chat(messages, tools=tools)
     except TemplateError as error:
         raise bad_request(f"the chat template rejected the messages: {error}", param="messages") from None
 
@@ -283,20 +317,39 @@ def _check_length(model: ServedModel, num_prompt_tokens: int, max_tokens: int | 
     return max_tokens
 
 
-def _text_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """The conversation as role/content strings (text parts joined); other parts are refused."""
+def _unrenderable(body: dict[str, Any]) -> str | None:
+    """Why the gateway cannot render this chat's prompt as the engine will, or None if it can.
+
+    The gateway renders role and text content (and the tool definitions) through the model's chat
+    template, as vLLM does; images and other parts become tokens only the engine knows, and tool calls
+    and their results in the conversation are reshaped by the engine before its template sees them.
+    """
+    for message in body.get("messages") or ():
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content")
+        if isinstance(content, list) and any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
+            return "content_parts"
+        if message.get("role") == "tool" or message.get("tool_calls") or "tool_call_id" in message:
+            return "tool_messages"
+    return None
+
+
+def _text_messages(messages: list[ChatMessage], *, refuse_other_parts: bool = True) -> list[dict[str, str]]:
+    """The conversation as role/content strings (text parts joined); other parts are refused, or (when the
+    engine renders the prompt itself) left out."""
     rendered: list[dict[str, str]] = []
     for index, message in enumerate(messages):
         content = message.content
         if isinstance(content, list):
             for part in content:
-                if part.type != "text" or part.text is None:
+                if (part.type != "text" or part.text is None) and refuse_other_parts:
                     raise bad_request(
                         f"messages[{index}]: content parts of type {part.type!r} are not supported; "
                         "this model takes text only",
                         param=f"messages.{index}.content",
                     )
-            content = "\n".join(part.text or "" for part in content)
+            content = "\n".join(part.text or "" for part in content if part.type == "text")
         rendered.append({"role": message.role, "content": content or ""})
     return rendered
 

@@ -8,15 +8,19 @@ from typing import Any
 
 from app.openai.errors import APIError
 from app.openai.metrics import ServingMetrics
-from app.openai.prepare import Endpoint, RequestPreparer, ServedModel
+from app.openai.prepare import Endpoint, KeyFallback, RequestPreparer, ServedModel
 from app.protocol.openai import ModelCard, ModelList
 
 
 class ServingBase:
     """What every OpenAI serving shares: the models and their preparation, and the request metrics."""
 
-    def __init__(self, models: Sequence[ServedModel], *, metrics: ServingMetrics | None = None) -> None:
-        self.preparer = RequestPreparer(models)
+    def __init__(
+        self, models: Sequence[ServedModel], *, metrics: ServingMetrics | None = None, forwards_bodies: bool = False,
+        on_key_fallback: KeyFallback | None = None,
+    ) -> None:
+        """`forwards_bodies`: the engine gets the client's body and decides what it supports (the gateway)."""
+        self.preparer = RequestPreparer(models, forwards_bodies=forwards_bodies, on_key_fallback=on_key_fallback)
         self.models = self.preparer.models
         self.metrics = metrics or ServingMetrics()
 

@@ -26,9 +26,9 @@ MESSAGES = [{"role": "user", "content": "Hello there"}]
 
 
 @contextlib.asynccontextmanager
-async def gateway_app():
+async def gateway_app(engine_app=None):
     """The gateway's ASGI app routing to a simulated engine's own server on loopback (no Ray)."""
-    engine_app = create_app(FAST, model="sim-llama", max_model_len=512)
+    engine_app = engine_app or create_app(FAST, model="sim-llama", max_model_len=512)
     async with serving(engine_app) as url:
         state = fleet(("e", url, "mixed"), model="sim-llama", node_id="here")
         client = ClientBuilder(Scheduler(state)).build(ModelPlan("sim-llama", 16),

@@ -73,6 +73,7 @@ def create_app(
 
     app = FastAPI(title="Simulated vLLM", lifespan=lifespan)
     app.state.engine = engine
+    app.state.http = http
     install_error_handlers(app)
 
     @app.post("/v1/chat/completions")
