@@ -156,7 +156,8 @@ class RequestPreparer:
             else:
                 _reject_unsupported_completion(request)
             if request.n != 1:
-                raise bad_request("only n=1 is supported; send one request per choice", param="n")
+                raise bad_request("this engine generates one choice per request (n=1); serve the model with vLLM "
+                                  "for n > 1, or send one request per choice", param="n")
         return Validated(endpoint, body, request, model)
 
     async def prepare(self, validated: Validated) -> PreparedRequest:
@@ -358,18 +359,19 @@ def _reject_unsupported_chat(request: ChatCompletionRequest) -> None:
     if request.top_logprobs is not None and not request.logprobs:
         raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
     if request.tools:
-        raise bad_request("tool calling is not supported by this gateway yet", param="tools")
+        raise bad_request("this engine does no tool calling; serve the model with vLLM for tools", param="tools")
     if request.response_format and request.response_format.get("type", "text") != "text":
-        raise bad_request("only response_format type 'text' is supported", param="response_format")
+        raise bad_request("this engine has no structured outputs (response_format type 'text' only); serve "
+                          "the model with vLLM for them", param="response_format")
 
 
 def _reject_unsupported_completion(request: CompletionRequest) -> None:
     if request.echo:
-        raise bad_request("echo is not supported by this gateway yet", param="echo")
+        raise bad_request("this engine does not echo prompts; serve the model with vLLM for echo", param="echo")
     if request.suffix:
-        raise bad_request("suffix is not supported", param="suffix")
+        raise bad_request("this engine takes no suffix", param="suffix")
     if request.best_of not in (None, 1):
-        raise bad_request("only best_of=1 is supported", param="best_of")
+        raise bad_request("this engine generates one sequence per request (best_of=1)", param="best_of")
 
 
 def _prompt_text(request: ChatCompletionRequest | CompletionRequest) -> str:
