@@ -32,6 +32,7 @@ _SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")
 _GENERATE: dict[str, Endpoint] = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 _READ = ("/v1/models", "/health", "/metrics", "/openapi.json")
 _MODEL_PREFIX = "/v1/models/"
+_TOKENS = ("/v1/tokenize", "/v1/detokenize", "/tokenize", "/detokenize")  # vLLM serves both spellings
 
 
 class GatewayASGI:
@@ -63,6 +64,13 @@ class GatewayASGI:
                 if method != "POST":
                     raise APIError(405, "Method Not Allowed")
                 await self._generate(endpoint, scope, receive, send)
+            elif path in _TOKENS:
+                if method != "POST":
+                    raise APIError(405, "Method Not Allowed")
+                body = await self._read_json(scope, receive)
+                preparer = self.serving.preparer
+                answer = await preparer.tokenize(body) if path.endswith("/tokenize") else preparer.detokenize(body)
+                await _send(send, 200, _JSON, answer.model_dump_json().encode())
             elif path.startswith(_MODEL_PREFIX) and len(path) > len(_MODEL_PREFIX):
                 if method not in ("GET", "HEAD"):
                     raise APIError(405, "Method Not Allowed")

@@ -15,8 +15,12 @@ from app.protocol.openai import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 
 _ERROR = {
@@ -54,12 +58,21 @@ def _generate(summary: str, request: type[BaseModel], response: type[BaseModel])
     }}
 
 
+def _post(summary: str, request: type[BaseModel], response: type[BaseModel]) -> dict[str, Any]:
+    return {"post": {
+        "summary": summary,
+        "requestBody": {"required": True, **_json(_ref(request))},
+        "responses": {"200": {"description": "The answer.", **_json(_ref(response))}, **_errors(400, 404, 413)},
+    }}
+
+
 @cache
 def openapi_document() -> bytes:
-    models: list[type[BaseModel]] = [ChatCompletionRequest, CompletionRequest, ChatCompletionResponse,
-                                     CompletionResponse, ModelList, ModelCard]
-    _, definitions = models_json_schema([(m, "validation") for m in models[:2]] +
-                                        [(m, "serialization") for m in models[2:]],
+    requests: list[type[BaseModel]] = [ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest]
+    responses: list[type[BaseModel]] = [ChatCompletionResponse, CompletionResponse, ModelList, ModelCard,
+                                        TokenizeResponse, DetokenizeResponse]
+    _, definitions = models_json_schema([(m, "validation") for m in requests] +
+                                        [(m, "serialization") for m in responses],
                                         ref_template="#/components/schemas/{model}")
     schemas = {**definitions.get("$defs", {}), "Error": _ERROR}
     document = {
@@ -75,6 +88,9 @@ def openapi_document() -> bytes:
                 "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
                 "responses": {"200": {"description": "The model.", **_json(_ref(ModelCard))}, **_errors(404)},
             }},
+            "/v1/tokenize": _post("Token ids of a prompt or chat, by the model's tokenizer", TokenizeRequest,
+                                  TokenizeResponse),
+            "/v1/detokenize": _post("The text of token ids", DetokenizeRequest, DetokenizeResponse),
             "/health": {"get": {"summary": "Up", "responses": {"200": {"description": "The ingress is up."}}}},
         },
         "components": {"schemas": schemas},

@@ -252,6 +252,13 @@ class OpenAIIngress:
     async def list_models(self) -> dict[str, Any]:
         return self.serving.list_models().model_dump()
 
+    async def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        """vLLM's /tokenize: a `prompt` or chat `messages` as the model's token ids."""
+        return (await self.serving.preparer.tokenize(body)).model_dump()
+
+    async def detokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self.serving.preparer.detokenize(body).model_dump()
+
     async def _stream(self, endpoint: Endpoint, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         async with contextlib.aclosing(self.serving.stream(endpoint, body)) as chunks:
             async for chunk in chunks:

@@ -24,7 +24,17 @@ from app.kv.text_keys import ApproximateBlockKeys, chat_key_text
 from app.openai.errors import APIError, bad_request, invalid_field
 from app.openai.models import ModelEntry, ModelRegistry, UnknownModelError
 from app.protocol.engine import EngineRequest, SamplingParams
-from app.protocol.openai import ChatCompletionRequest, ChatMessage, CompletionRequest, ModelCard, ModelList
+from app.protocol.openai import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 from app.tokenizer import LONG_TEXT_CHARS, PromptTokenizer, TemplateError
 
 Endpoint = Literal["chat", "completions"]
@@ -129,6 +139,48 @@ class RequestPreparer:
             ModelCard(id=m.name, created=m.created, max_model_len=m.max_model_len, aliases=list(m.aliases))
             for m in self.models.values()
         ])
+
+    async def tokenize(self, body: Any) -> TokenizeResponse:
+        """vLLM's `/tokenize`, answered with the model's tokenizer here (its chat template for `messages`)."""
+        request = self._parse(TokenizeRequest, body)
+        model, tokenizer = self._tokenizer_of(request.model)
+        if (request.prompt is None) == (request.messages is None):
+            raise bad_request("send either `prompt` or `messages`", param="prompt")
+        if request.messages is not None:
+            messages = _text_messages(request.messages)
+            self._check_bound(model, sum(len(m["content"]) for m in messages), "messages")
+            tools = request.tools
+            tokens = await _tokenize(lambda: tokenizer.encode_chat(
+                messages, add_generation_prompt=request.add_generation_prompt, tools=tools), _chars(messages))
+        else:
+            text = request.prompt or ""
+            self._check_bound(model, len(text), "prompt")
+            add = request.add_special_tokens
+            tokens = await _tokenize(lambda: tokenizer.encode(text, add_special_tokens=add), len(text))
+        return TokenizeResponse(count=len(tokens), max_model_len=model.max_model_len, tokens=tokens)
+
+    def detokenize(self, body: Any) -> DetokenizeResponse:
+        request = self._parse(DetokenizeRequest, body)
+        _, tokenizer = self._tokenizer_of(request.model)
+        vocab = tokenizer.vocab_size
+        bad = next((token for token in request.tokens if not 0 <= token < vocab), None)
+        if bad is not None:
+            raise bad_request(f"token id {bad} is outside the vocabulary (size {vocab})", param="tokens")
+        return DetokenizeResponse(prompt=tokenizer.decode(request.tokens, skip_special_tokens=False))
+
+    @staticmethod
+    def _parse(request_type: Any, body: Any) -> Any:
+        try:
+            return request_type.model_validate(body)
+        except ValidationError as error:
+            raise invalid_field(error.errors()) from None
+
+    def _tokenizer_of(self, requested: str) -> tuple[ServedModel, PromptTokenizer]:
+        model = self.resolve(requested)
+        if model.tokenizer is None:
+            raise bad_request(f"model {model.name!r} has no tokenizer at the gateway (its servers tokenize for "
+                              "themselves); ask them", param="model")
+        return model, model.tokenizer
 
     def resolve(self, requested: str) -> ServedModel:
         try:

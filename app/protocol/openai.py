@@ -90,6 +90,33 @@ class CompletionRequest(_SamplingFields):
     best_of: int | None = None
 
 
+class TokenizeRequest(_Request):
+    """vLLM's `/tokenize`: a completion `prompt`, or chat `messages` rendered through the chat template."""
+
+    model: str = Field(min_length=1)
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    tools: list[dict[str, Any]] | None = None
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Request):
+    model: str = Field(min_length=1)
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0
 

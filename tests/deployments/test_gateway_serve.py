@@ -140,6 +140,11 @@ def test_handle_api_for_batch_jobs(gateway):
         handle.chat.remote({**CHAT, "model": "nope"}).result(timeout_s=30)
     assert raised.value.status_code == 404
 
+    tokens = handle.tokenize.remote({"model": "sim-llama", "prompt": "hi there"}).result(timeout_s=30)
+    assert tokens["count"] == len(tokens["tokens"]) > 0
+    text = handle.detokenize.remote({"model": "sim-llama", "tokens": tokens["tokens"]}).result(timeout_s=30)
+    assert text["prompt"].endswith("hi there")
+
 
 def test_client_disconnect_aborts_the_engine_request(gateway):
     # The real-time app: 1,900 tokens take about 11 s, far longer than this test waits.
