@@ -26,12 +26,11 @@ def engine_deployment_name(model_name: str, role: str = "mixed") -> str:
     return f"{_ROLE_PREFIX[role]}-" + re.sub(r"[^A-Za-z0-9_-]+", "-", model_name).strip("-")
 
 
-# Which Serve request router each routing policy needs on the engine deployments.
-_REQUEST_ROUTERS = {
-    "prefix_aware": "app.deployments.serve_request_router:GatewayRequestRouter",
-    "round_robin": "app.deployments.serve_request_router:GatewayRequestRouter",
-    "custom": "app.deployments.serve_request_router:GatewayRequestRouter",
-    "power_of_two": None,  # Serve's built-in default
+# The Serve request router on the engine deployments: ours honours the gateway's ranking; the baselines
+# that rank inside Serve's handle bring their own (None: Serve's built-in power-of-two default).
+_GATEWAY_ROUTER = "app.deployments.serve_request_router:GatewayRequestRouter"
+_HANDLE_ROUTERS = {
+    "power_of_two": None,
     "ray_prefix_cache_affinity": (
         "ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router:PrefixCacheAffinityRouter"
     ),
@@ -39,7 +38,8 @@ _REQUEST_ROUTERS = {
 
 
 def _request_router_config(config: GatewayConfig) -> dict[str, Any]:
-    router_class = _REQUEST_ROUTERS[config.routing.policy]
+    routing = config.routing
+    router_class = _GATEWAY_ROUTER if routing.ranks_at_gateway else _HANDLE_ROUTERS[routing.policy]
     if router_class is None:
         return {}
     return {"request_router_config": RequestRouterConfig(request_router_class=router_class)}
@@ -49,7 +49,7 @@ def _engine_app(model: ModelConfig, role: str, config: GatewayConfig) -> Applica
     d = model.group(role)
     # A split model is always ranked by the gateway's scheduler (it picks decode, then prefill).
     routers = _request_router_config(config) if model.disaggregation is None else {
-        "request_router_config": RequestRouterConfig(request_router_class=_REQUEST_ROUTERS["prefix_aware"])
+        "request_router_config": RequestRouterConfig(request_router_class=_GATEWAY_ROUTER)
     }
     return EngineServer.options(
         name=engine_deployment_name(model.name, role),

@@ -33,7 +33,8 @@ from app.gateway.client import EngineClient
 from app.gateway.client_builder import ClientBuilder, ModelPlan, Reach, SplitPlan
 from app.gateway.fleet_load import ClusterFleetLoad
 from app.gateway.metrics import DisaggregationMetrics, RouterMetrics, engine_streams_counter
-from app.gateway.routed import HTTPTransport
+from app.gateway.routed import HTTPTransport, RoutedClient
+from app.gateway.split import SplitClient
 from app.http_listener import HTTPListener
 from app.kv.hashing import get_hasher
 from app.kv.text_keys import ApproximateBlockKeys
@@ -114,8 +115,7 @@ class OpenAIIngress:
             ).set(1)
         self.fleet_load = ClusterFleetLoad(self.cluster)
         for served in models:
-            queued = getattr(served.engine, "queued", None)
-            if queued is not None:
+            if isinstance(served.engine, RoutedClient | SplitClient):  # the unranked baselines queue in Serve
                 self.fleet_load.watch_queue(served.name, lambda engine=served.engine: engine.queued)
         self.serving = GatewayServing(
             models,

@@ -149,9 +149,8 @@ class RequestPreparer:
         if request.messages is not None:
             messages = _text_messages(request.messages)
             self._check_bound(model, sum(len(m["content"]) for m in messages), "messages")
-            tools = request.tools
-            tokens = await _tokenize(lambda: tokenizer.encode_chat(
-                messages, add_generation_prompt=request.add_generation_prompt, tools=tools), _chars(messages))
+            tools, generation = request.tools, request.add_generation_prompt
+            tokens = await _tokenize(lambda: _chat_prompt(model, messages, tools, generation), _chars(messages))
         else:
             text = request.prompt or ""
             self._check_bound(model, len(text), "prompt")
@@ -339,11 +338,12 @@ async def _tokenize(encode: Any, num_chars: int) -> list[int]:
 
 
 def _chat_prompt(
-    model: ServedModel, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None
+    model: ServedModel, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None,
+    add_generation_prompt: bool = True,
 ) -> list[int]:
     assert model.tokenizer is not None
     try:
-        return model.tokenizer.encode_chat(messages, tools=tools)
+        return model.tokenizer.encode_chat(messages, add_generation_prompt=add_generation_prompt, tools=tools)
     except TemplateError as error:
         raise bad_request(f"the chat template rejected the messages: {error}", param="messages") from None
 

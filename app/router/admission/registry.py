@@ -10,6 +10,7 @@ from typing import Any
 
 from app.router.admission.base import AdmissionStage
 from app.router.admission.inflight_limit import InflightLimitStage
+from app.router.plugins.registry import add_to_table
 
 STAGES: dict[str, type[AdmissionStage]] = {
     "inflight_limit": InflightLimitStage,
@@ -17,9 +18,7 @@ STAGES: dict[str, type[AdmissionStage]] = {
 
 
 def register_stage(name: str, stage: type[AdmissionStage]) -> None:
-    if STAGES.get(name, stage) is not stage:
-        raise ValueError(f"an admission stage named {name!r} is already registered")
-    STAGES[name] = stage
+    add_to_table(STAGES, "admission stage", name, stage)
 
 
 def build_stages(specs: Sequence[Any], *, retry_after_s: float) -> list[AdmissionStage]:

@@ -6,6 +6,8 @@ outside the package, one `register_*` call before the config is read).
 
 from __future__ import annotations
 
+from typing import Any
+
 from app.router.plugins.base import Filter, Picker, Scorer
 from app.router.plugins.kv_saturation_filter import KVSaturationFilter
 from app.router.plugins.load_guard_filter import LoadGuardFilter
@@ -33,11 +35,15 @@ PICKERS: dict[str, type[Picker]] = {
 KINDS: dict[str, dict[str, type]] = {"filter": FILTERS, "scorer": SCORERS, "picker": PICKERS}
 
 
-def _register(kind: str, name: str, plugin: type) -> None:
-    table = KINDS[kind]
+def add_to_table(table: dict[str, Any], kind: str, name: str, plugin: type) -> None:
+    """Register a plugin under a name not taken by another (the same plugin again is a no-op)."""
     if table.get(name, plugin) is not plugin:
         raise ValueError(f"a {kind} named {name!r} is already registered")
     table[name] = plugin
+
+
+def _register(kind: str, name: str, plugin: type) -> None:
+    add_to_table(KINDS[kind], kind, name, plugin)
 
 
 def register_filter(name: str, plugin: type[Filter]) -> None:
