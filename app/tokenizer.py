@@ -12,10 +12,12 @@ import logging
 import re
 from collections import OrderedDict
 from collections.abc import Sequence
+from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
@@ -114,8 +116,12 @@ class PromptTokenizer:
         self.bos_token: str | None = config.get("bos_token")
         self.eos_token: str | None = config.get("eos_token")
         template = config.get("chat_template")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        # The environment transformers renders chat templates in (and so vLLM): the same text for the same
+        # conversation, which is what makes the router's keys the engine's blocks.
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise_template_error
+        env.globals["strftime_now"] = _strftime_now
         self._chat_template = env.from_string(template) if template else None
         self._segments = SegmentCache(tokenizer) if SegmentCache.applies_to(tokenizer) else None
 
@@ -178,6 +184,16 @@ class PromptTokenizer:
         if self._segments is not None and self._segments.enabled:
             return self._segments.encode(text)
         return self.encode(text, add_special_tokens=False)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    # Jinja's own tojson escapes HTML characters and sorts keys; chat templates are written for this one.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(format: str) -> str:
+    return datetime.now().strftime(format)
 
 
 def _raise_template_error(message: str) -> None:

@@ -24,6 +24,9 @@ BOS, EOS = "<s>", "</s>"
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    # Tool definitions go in a system turn of their own, as tool-calling models' templates do.
+    "{% if tools %}{{ '<|im_start|>system\n# Tools\n' }}"
+    "{% for tool in tools %}{{ tool | tojson }}{{ '\n' }}{% endfor %}{{ '<|im_end|>\n' }}{% endif %}"
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"

@@ -3,6 +3,7 @@ served from a cache: the tokens must be exactly those of tokenizing the whole re
 
 import random
 
+import pytest
 from tokenizers import AddedToken
 
 from app.tokenizer import BUILTIN_TOKENIZER_DIR, SELF_CHECK_EVERY, PromptTokenizer, SegmentCache
@@ -43,3 +44,17 @@ def test_a_wrong_cached_segment_is_caught_and_the_cache_turned_off():
     assert tokenizer.encode_chat(messages) == whole(tokenizer, messages)  # the self-check's own answer
     assert not segments.enabled
     assert tokenizer.encode_chat(messages) == whole(tokenizer, messages)
+
+
+def test_chat_templates_render_tools_as_transformers_does():
+    """vLLM renders chats through transformers: the same text, so the gateway's keys are vLLM's blocks.
+    Templates print tools with `tojson`, whose transformers version neither sorts keys nor escapes HTML."""
+    transformers = pytest.importorskip("transformers")
+    ours = PromptTokenizer.from_dir(BUILTIN_TOKENIZER_DIR)
+    theirs = transformers.PreTrainedTokenizerFast.from_pretrained(str(BUILTIN_TOKENIZER_DIR))
+    tools = [{"type": "function", "function": {"name": "get<weather>", "description": None,
+                                               "parameters": {"z": {"type": "string"}, "a": "é & <b>"}}}]
+    messages = [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "Weather?"}]
+    for with_tools in (tools, None):
+        expected = theirs.apply_chat_template(messages, tools=with_tools, tokenize=False, add_generation_prompt=True)
+        assert ours.render_chat(messages, tools=with_tools) == expected

@@ -29,7 +29,8 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 PROMETHEUS_CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 _JSON = [(b"content-type", b"application/json")]
 _SSE = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
-_GENERATE: dict[str, Endpoint] = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+_GENERATE: dict[str, Endpoint] = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
+                                  "/v1/embeddings": "embeddings", "/v1/responses": "responses"}
 _READ = ("/v1/models", "/health", "/metrics", "/openapi.json")
 _MODEL_PREFIX = "/v1/models/"
 _TOKENS = ("/v1/tokenize", "/v1/detokenize", "/tokenize", "/detokenize")  # vLLM serves both spellings

@@ -119,7 +119,7 @@ class GatewayServing(ServingBase):
         # Admission comes before the heavy work, so a flood of large prompts is refused cheaply.
         request = validated.request
         ticket = self._admit(AdmissionRequest(name, endpoint, priority=request.priority, tenant=request.user,
-                                              stream=request.stream))
+                                              stream=getattr(request, "stream", False)))
         self.metrics.inflight.inc()
         released = False
 
@@ -149,7 +149,8 @@ class GatewayServing(ServingBase):
     async def _open_engine(self, prepared: PreparedRequest) -> EngineReply:
         model = prepared.model
         call = ForwardedCall(ENDPOINT_PATHS[prepared.endpoint], forward_body(prepared), client_model=model.name,
-                             engine_model=model.served_name, keep_usage=prepared.include_usage)
+                             engine_model=model.served_name,
+                             keep_usage=prepared.include_usage or prepared.endpoint == "responses")
         try:
             return await model.engine.open(prepared.engine_request, call)
         except EngineRequestRejected as error:
@@ -189,7 +190,7 @@ class GatewayServing(ServingBase):
     # -- the handle API (Python batch jobs): the same answers, as dicts ------------------------
 
     async def create(self, endpoint: Endpoint, body: dict[str, Any]) -> dict[str, Any]:
-        response = await self.open(endpoint, {**body, "stream": False})
+        response = await self.open(endpoint, body if endpoint == "embeddings" else {**body, "stream": False})
         try:
             return json.loads(response.first)
         finally:
@@ -217,7 +218,7 @@ def forward_body(prepared: PreparedRequest) -> dict[str, Any]:
     # every engine reads the same way.
     body = {key: value for key, value in prepared.body.items() if value is not None}
     body["model"] = prepared.model.served_name
-    if prepared.stream:
+    if prepared.stream and prepared.endpoint in ("chat", "completions"):
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
     return body
 

@@ -17,8 +17,12 @@ from app.protocol.openai import (
     CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
     ModelCard,
     ModelList,
+    ResponseObject,
+    ResponsesRequest,
     TokenizeRequest,
     TokenizeResponse,
 )
@@ -68,9 +72,10 @@ def _post(summary: str, request: type[BaseModel], response: type[BaseModel]) -> 
 
 @cache
 def openapi_document() -> bytes:
-    requests: list[type[BaseModel]] = [ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest]
-    responses: list[type[BaseModel]] = [ChatCompletionResponse, CompletionResponse, ModelList, ModelCard,
-                                        TokenizeResponse, DetokenizeResponse]
+    requests: list[type[BaseModel]] = [ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ResponsesRequest,
+                                       TokenizeRequest, DetokenizeRequest]
+    responses: list[type[BaseModel]] = [ChatCompletionResponse, CompletionResponse, EmbeddingResponse, ResponseObject,
+                                        ModelList, ModelCard, TokenizeResponse, DetokenizeResponse]
     _, definitions = models_json_schema([(m, "validation") for m in requests] +
                                         [(m, "serialization") for m in responses],
                                         ref_template="#/components/schemas/{model}")
@@ -81,6 +86,10 @@ def openapi_document() -> bytes:
         "paths": {
             "/v1/chat/completions": _generate("A chat completion", ChatCompletionRequest, ChatCompletionResponse),
             "/v1/completions": _generate("A completion", CompletionRequest, CompletionResponse),
+            "/v1/embeddings": _post("Embeddings of one input or a batch (models whose engines embed)",
+                                    EmbeddingRequest, EmbeddingResponse),
+            "/v1/responses": _generate("A response (Responses API, served statelessly)", ResponsesRequest,
+                                       ResponseObject),
             "/v1/models": {"get": {"summary": "Served models",
                                    "responses": {"200": {"description": "The list.", **_json(_ref(ModelList))}}}},
             "/v1/models/{model}": {"get": {

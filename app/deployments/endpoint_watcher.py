@@ -25,9 +25,11 @@ from ray import serve
 from app.config import ClusterStateConfig, ModelConfig
 from app.deployments.state_sync import BatchReporter, EngineReporter
 from app.engines.external.config import ExternalEndpoint, ExternalEngineConfig
+from app.engines.external.dialects import MISSING
 from app.engines.external.kubernetes import KubernetesPodDiscovery
 from app.engines.external.monitor import EndpointMonitor
 from app.engines.vllm.kv_events import KVEventSubscriber
+from app.protocol.engine import CacheConfig
 from app.router.state import ReplicaInfo, ReplicaStats
 from app.upstream import UpstreamPool
 
@@ -87,10 +89,15 @@ class WatchedEndpoint:
         self._engine = engine
         self._model = model
         self._node_id = node_id
+        declared = CacheConfig(block_size=engine.block_size, num_gpu_blocks=engine.num_blocks or _DEFAULT_NUM_BLOCKS,
+                               prefix_caching_hash_algo=engine.hash_algo, hash_seed=engine.hash_seed,
+                               enable_prefix_caching=engine.enable_prefix_caching)
         self.monitor = EndpointMonitor(
-            endpoint.url, http, model=model, endpoint_id=endpoint.url, hash_seed=engine.hash_seed,
-            down_after_s=engine.down_after_s, timeout_s=max(engine.scrape_interval_s * 5, 1.0),
+            endpoint.url, http, model=model, endpoint_id=endpoint.url, declared=declared, metrics=engine.metrics,
+            health_path=engine.health_path, down_after_s=engine.down_after_s,
+            timeout_s=max(engine.scrape_interval_s * 5, 1.0),
         )
+        self._said_dialect: str | None = None
         # Events name blocks by the server's token hashes; without the tokenizer no request key ever matches.
         subscribe = endpoint.kv_events is not None and use_kv_events
         self.events = KVEventSubscriber(connect=endpoint.kv_events) if subscribe else None
@@ -117,6 +124,7 @@ class WatchedEndpoint:
             kv_events=self.events is not None,
             endpoint_url=self.url,
             node_id=self._node_id,
+            metrics_dialect=self.monitor.dialect or "none",
         )
 
     def _stats(self) -> ReplicaStats:
@@ -143,6 +151,7 @@ class WatchedEndpoint:
         if self._logged_down:
             self._logged_down = False
             logger.info("endpoint %s (model %s) is answering again", self.url, self._model)
+        self._say_dialect()
         self._check_geometry()
         restarts = self.events.publisher_restarts if self.events is not None else 0
         if result.restarted or restarts != self._seen_publisher_restarts:
@@ -154,6 +163,18 @@ class WatchedEndpoint:
             self.reporter.reregister(self._info())
         elif not self.reporter.registered:
             self.reporter.reregister(self._info())  # first contact, or back from the candidates' edge
+
+    def _say_dialect(self) -> None:
+        dialect = self.monitor.dialect
+        if dialect is None or dialect == self._said_dialect:
+            return
+        first = self._said_dialect is None
+        self._said_dialect = dialect
+        if MISSING[dialect]:
+            logger.warning("endpoint %s (model %s) has %s metrics; the router lacks its %s", self.url, self._model,
+                           "no readable" if dialect == "none" else f"{dialect}'s", MISSING[dialect])
+        if not first:
+            self.reporter.reregister(self._info())  # the new dialect reaches the routers' metrics
 
     @property
     def reporting(self) -> bool:

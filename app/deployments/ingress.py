@@ -29,6 +29,7 @@ from app.config import GatewayConfig, ModelConfig
 from app.deployments.serve_transport import ServeTransport
 from app.deployments.state_sync import RouterStateSync
 from app.engines.external.config import ExternalEngineConfig
+from app.engines.kinds import kind_of
 from app.gateway.client import EngineClient
 from app.gateway.client_builder import ClientBuilder, ModelPlan, Reach, SplitPlan
 from app.gateway.fleet_load import ClusterFleetLoad
@@ -106,6 +107,7 @@ class OpenAIIngress:
                 text_keys=_text_keys(model) if tokenizers[model.name] is None else None,
                 engine_model_name=(model.engine.served_model_name
                                    if isinstance(model.engine, ExternalEngineConfig) else None),
+                ignored_fields=kind_of(model.engine).ignored_fields,
             )
             for model in gateway.models
         ]
@@ -196,6 +198,7 @@ class OpenAIIngress:
             gauge.labels(*labels, "running").set(replica.stats.num_requests_running)
             gauge.labels(*labels, "waiting").set(replica.stats.num_requests_waiting)
             gauge.labels(*labels, "kv_cache_usage").set(replica.stats.kv_cache_usage_perc)
+            self.router_metrics.metrics_dialect.labels(*labels, replica.info.metrics_dialect).set(1)
 
     def _metrics_page(self) -> bytes:
         self._publish_replica_load()
@@ -248,6 +251,19 @@ class OpenAIIngress:
     async def completions_stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         async for chunk in self._stream("completions", body):
             yield chunk
+
+    async def embeddings(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Embeddings as a dict, like `client.embeddings.create(...).model_dump()`."""
+        return await self.serving.create("embeddings", body)
+
+    async def responses(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A Responses API answer as a dict (stateless: send the whole conversation as `input`)."""
+        return await self.serving.create("responses", body)
+
+    async def responses_stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """The Responses API's typed events as dicts; call with `handle.options(stream=True)`."""
+        async for event in self._stream("responses", body):
+            yield event
 
     async def list_models(self) -> dict[str, Any]:
         return self.serving.list_models().model_dump()

@@ -8,7 +8,8 @@ so a kind's dependencies (vLLM's client libraries) are not needed where it is no
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel
@@ -25,6 +26,10 @@ class EngineKind:
     config: type[BaseModel]
     engine: str | None
     """"module:Class" of the engine a replica runs; None for servers the gateway reaches but does not run."""
+    ignored_fields: Mapping[str, tuple[Any, str]] = field(default_factory=dict)
+    """Request fields this kind's servers accept and then ignore: field -> (the one value that means
+    nothing, why). The gateway refuses other values with a 400 naming the field, so no field is
+    accepted and silently dropped."""
 
     @property
     def runs_engines(self) -> bool:
@@ -33,7 +38,9 @@ class EngineKind:
 
 KINDS: dict[str, EngineKind] = {
     "simulated": EngineKind(SimulatedEngineConfig, "app.engines.simulated.engine:SimulatedEngine"),
-    "vllm": EngineKind(VLLMEngineConfig, "app.engines.vllm.engine:VLLMServerEngine"),
+    "vllm": EngineKind(VLLMEngineConfig, "app.engines.vllm.engine:VLLMServerEngine", ignored_fields={
+        "best_of": (1, "vLLM's engine generates each choice once and has no best_of; ask for n choices instead"),
+    }),
     "external": EngineKind(ExternalEngineConfig, None),
 }
 

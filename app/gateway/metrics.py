@@ -48,6 +48,12 @@ class RouterMetrics(MetricSet):
             "gateway_replica_load", "Per engine replica: in-flight (this router), running, waiting, KV usage.",
             ["model", "replica", "signal"],
         )
+        self.metrics_dialect = self.gauge(
+            "gateway_replica_metrics_dialect",
+            "1 for what each engine replica's metrics speak: vllm (everything the router reads), sglang (no block "
+            "geometry or KV events), or none (routed on this router's in-flight count alone).",
+            ["model", "replica", "dialect"],
+        )
         self.prefix_keys = self.gauge(
             "gateway_routing_prefix_keys",
             "1 for the kind of prefix keys a model is routed on: exact (the engines' block hashes, from the "

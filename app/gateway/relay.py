@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.gateway.sse import EventRelay, model_renames
+from app.gateway.sse import EventRelay, chat_usage, model_renames
 from app.protocol.engine import EngineUnavailableError
 from app.protocol.server_errors import refusal, stream_error
 from app.upstream import UpstreamError, UpstreamPool
@@ -179,8 +179,9 @@ async def _accepted(
                 raise EngineUnavailableError("the engine server sent an answer that is not JSON") from None
             for old, new in call.renames():
                 body = body.replace(old, new, 1)
-            return EngineReply(replica_id=replica_id, first=body, stream=False, usage=parsed.get("usage"),
-                               body=parsed, close=close)
+            usage = parsed.get("usage") if isinstance(parsed, dict) else None
+            return EngineReply(replica_id=replica_id, first=body, stream=False, body=parsed, close=close,
+                               usage=chat_usage(usage) if isinstance(usage, dict) else None)
         relay = EventRelay(renames=call.renames(), keep_usage=call.keep_usage)
         held: list[bytes] = []
         async for piece in pieces:

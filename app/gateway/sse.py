@@ -38,8 +38,16 @@ def event_data(event: bytes) -> bytes | None:
     return lines[0] if len(lines) == 1 else b"\n".join(lines)
 
 
+# The Responses API's stream: typed events, ended by one of these instead of [DONE].
+_RESPONSE_ENDS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
 def carries_output(chunk: dict[str, Any]) -> bool:
-    """Whether a chunk holds generated output, as opposed to the opening role-only chunk of a chat."""
+    """Whether a chunk holds generated output, as opposed to the opening role-only chunk of a chat (or
+    the created / in-progress events of a response)."""
+    kind = chunk.get("type")
+    if isinstance(kind, str) and "choices" not in chunk:
+        return kind.endswith(".delta") or kind in _RESPONSE_ENDS
     for choice in chunk.get("choices") or ():
         if choice.get("finish_reason") is not None or choice.get("text") or choice.get("token_ids"):
             return True
@@ -121,14 +129,19 @@ class EventRelay:
             if chunk is None:
                 kept.append(event)
                 continue
-            if "error" in chunk:
-                error = chunk["error"]
+            kind = chunk.get("type")
+            error = chunk.get("error") or (chunk if kind == "error" else None)
+            response = chunk.get("response") if kind in _RESPONSE_ENDS else None
+            if isinstance(response, dict):
+                self.done = True
+                error = error or response.get("error")
+            if error:
                 self.error = error if isinstance(error, dict) else {"message": str(error)}
             elif not self.first_output and carries_output(chunk):
                 self.first_output = True
-            usage = chunk.get("usage")
+            usage = chunk.get("usage") or (response or {}).get("usage")
             if isinstance(usage, dict):
-                self.usage = usage
+                self.usage = chat_usage(usage)
                 if not self._keep_usage and not chunk.get("choices"):
                     dropped = True
                     continue  # the usage-only chunk the client did not ask for
@@ -136,6 +149,15 @@ class EventRelay:
         if not dropped:
             return block
         return b"".join(event + self._separator for event in kept)
+
+
+def chat_usage(usage: dict[str, Any]) -> dict[str, Any]:
+    """Usage in chat's terms (prompt and completion tokens), from a chat's or a response's."""
+    if "input_tokens" not in usage:
+        return usage
+    cached = (usage.get("input_tokens_details") or {}).get("cached_tokens") or 0
+    return {"prompt_tokens": usage.get("input_tokens") or 0, "completion_tokens": usage.get("output_tokens") or 0,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _loads(data: bytes) -> dict[str, Any] | None:

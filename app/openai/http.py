@@ -11,6 +11,7 @@ import json
 import logging
 from collections import deque
 from collections.abc import AsyncIterator
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,6 +23,7 @@ from app.openai.engine_serving import Endpoint, OpenAIServing
 from app.openai.errors import APIError, invalid_field, json_body, too_large
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -47,6 +49,26 @@ class OpenAIHTTP:
     async def completions(self, request: Request) -> Response:
         return await self._generate("completions", request)
 
+    async def embeddings(self, request: Request) -> Response:
+        try:
+            answer = await self.serving.embed(await self._read_json(request))
+            return Response(answer.model_dump_json(), media_type="application/json")
+        except APIError as error:
+            return error_response(error)
+
+    async def responses(self, request: Request) -> Response:
+        try:
+            body = await self._read_json(request)
+            if isinstance(body, dict) and body.get("stream") is True:
+                events = self.serving.respond_stream(body)
+                first = await _first(events)
+                return StreamingResponse(_typed_sse(first, events), media_type="text/event-stream",
+                                         headers=SSE_HEADERS)
+            answer = await self.serving.respond(body)
+            return Response(answer.model_dump_json(), media_type="application/json")
+        except APIError as error:
+            return error_response(error)
+
     def models(self) -> JSONResponse:
         return JSONResponse(self.serving.list_models().model_dump())
 
@@ -68,15 +90,7 @@ class OpenAIHTTP:
 
     async def _stream(self, endpoint: Endpoint, body: dict) -> Response:
         chunks = self.serving.stream(endpoint, body)
-        # Wait for the first chunk so that errors found before generation starts (validation,
-        # unknown model, overload) get a real status code rather than a 200 with an error event.
-        try:
-            first = await anext(chunks)
-        except StopAsyncIteration:
-            first = None
-        except BaseException:
-            await chunks.aclose()
-            raise
+        first = await _first(chunks)
         return StreamingResponse(_sse(first, chunks), media_type="text/event-stream", headers=SSE_HEADERS)
 
     async def _read_json(self, request: Request) -> object:
@@ -91,6 +105,34 @@ class OpenAIHTTP:
         parsed = json_body(body, request.headers.get("content-type"))
         self.received.append(parsed)
         return parsed
+
+
+async def _first(items: AsyncIterator[T]) -> T | None:
+    """Wait for a stream's first item, so that errors found before generation starts (validation, unknown
+    model, overload) get a real status code rather than a 200 with an error event."""
+    try:
+        return await anext(items)
+    except StopAsyncIteration:
+        return None
+    except BaseException:
+        await items.aclose()  # type: ignore[attr-defined]
+        raise
+
+
+async def _typed_sse(first: dict[str, Any] | None, events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    """The Responses API's stream: each event named by its type, and no [DONE] (its last event says it)."""
+    async with contextlib.aclosing(events):  # type: ignore[type-var]
+        try:
+            if first is not None:
+                yield _typed_event(first)
+            async for event in events:
+                yield _typed_event(event)
+        except APIError as error:
+            yield _typed_event({"type": "error", "code": error.code, "message": error.message, "param": error.param})
+
+
+def _typed_event(event: dict[str, Any]) -> bytes:
+    return f"event: {event['type']}\ndata: ".encode() + json.dumps(event).encode() + b"\n\n"
 
 
 async def _sse(first: BaseModel | None, chunks: AsyncIterator[BaseModel]) -> AsyncIterator[bytes]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
@@ -30,15 +30,26 @@ from app.protocol.openai import (
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
+    EmbeddingRequest,
     ModelCard,
     ModelList,
+    ResponsesRequest,
     TokenizeRequest,
     TokenizeResponse,
+    tool_dicts,
 )
 from app.tokenizer import LONG_TEXT_CHARS, PromptTokenizer, TemplateError
 
-Endpoint = Literal["chat", "completions"]
-ENDPOINT_PATHS: dict[str, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+Endpoint = Literal["chat", "completions", "embeddings", "responses"]
+ENDPOINT_PATHS: dict[str, str] = {"chat": "/v1/chat/completions", "completions": "/v1/completions",
+                                  "embeddings": "/v1/embeddings", "responses": "/v1/responses"}
+_REQUEST_TYPES: dict[str, type[ChatCompletionRequest | CompletionRequest | EmbeddingRequest | ResponsesRequest]] = {
+    "chat": ChatCompletionRequest, "completions": CompletionRequest, "embeddings": EmbeddingRequest,
+    "responses": ResponsesRequest,
+}
+_ID_PREFIXES = {"chat": "chatcmpl", "completions": "cmpl", "embeddings": "embd", "responses": "resp"}
+# Characters per token when a text's tokens are only estimated (embeddings' load, at the gateway).
+_CHARS_PER_TOKEN_ESTIMATE = 4
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/completions
 
 
@@ -62,6 +73,8 @@ class ServedModel:
     text_keys: ApproximateBlockKeys | None = None
     engine_model_name: str | None = None
     """The name the engines know the model by, when it differs from `name`."""
+    ignored_fields: Mapping[str, tuple[Any, str]] = field(default_factory=dict)
+    """Fields the engines would accept and ignore: refused unless they hold the value that means nothing."""
 
     def __post_init__(self) -> None:
         if self.tokenizer is None and self.text_keys is None:
@@ -89,7 +102,7 @@ class Validated:
 
     endpoint: Endpoint
     body: dict[str, Any]
-    request: ChatCompletionRequest | CompletionRequest
+    request: ChatCompletionRequest | CompletionRequest | EmbeddingRequest | ResponsesRequest
     model: ServedModel
 
 
@@ -101,6 +114,11 @@ class PreparedRequest:
     include_usage: bool
     body: dict[str, Any] = field(default_factory=dict)
     """The client's body as it arrived (validated)."""
+    request: ChatCompletionRequest | CompletionRequest | EmbeddingRequest | None = None
+    """The body as read (a Responses request, as the chat it amounts to)."""
+    more_prompts: list[list[int]] = field(default_factory=list)
+    """A batched completion's prompts after the first (an engine's own server only; the gateway
+    forwards the batch as sent)."""
     stream: bool = False
     wants_logprobs: bool = False
     return_token_ids: bool = False
@@ -135,10 +153,12 @@ class RequestPreparer:
         self._on_key_fallback = on_key_fallback
 
     def model_list(self) -> ModelList:
-        return ModelList(data=[
-            ModelCard(id=m.name, created=m.created, max_model_len=m.max_model_len, aliases=list(m.aliases))
-            for m in self.models.values()
-        ])
+        """Every name a request can use: each served model, then each alias (its `root` the model)."""
+        served = [ModelCard(id=m.name, created=m.created, max_model_len=m.max_model_len, root=m.name,
+                            aliases=list(m.aliases)) for m in self.models.values()]
+        aliases = [ModelCard(id=alias, created=m.created, max_model_len=m.max_model_len, root=m.name)
+                   for m in self.models.values() for alias in m.aliases]
+        return ModelList(data=served + aliases)
 
     async def tokenize(self, body: Any) -> TokenizeResponse:
         """vLLM's `/tokenize`, answered with the model's tokenizer here (its chat template for `messages`)."""
@@ -149,7 +169,7 @@ class RequestPreparer:
         if request.messages is not None:
             messages = _text_messages(request.messages)
             self._check_bound(model, sum(len(m["content"]) for m in messages), "messages")
-            tools, generation = request.tools, request.add_generation_prompt
+            tools, generation = tool_dicts(request.tools), request.add_generation_prompt
             tokens = await _tokenize(lambda: _chat_prompt(model, messages, tools, generation), _chars(messages))
         else:
             text = request.prompt or ""
@@ -193,47 +213,61 @@ class RequestPreparer:
             ) from None
 
     def validate(self, endpoint: Endpoint, body: Any) -> Validated:
-        request_type = ChatCompletionRequest if endpoint == "chat" else CompletionRequest
+        request_type = _REQUEST_TYPES[endpoint]
         try:
             request = request_type.model_validate(body)
         except ValidationError as error:
             raise invalid_field(error.errors()) from None
         model = self.resolve(request.model)
+        for name, (inert, why) in model.ignored_fields.items():
+            if body.get(name) not in (None, inert):
+                raise bad_request(f"{name} is not supported by the engines serving {model.name!r}: {why}", param=name)
         if isinstance(request, ChatCompletionRequest) and request.top_logprobs is not None and not request.logprobs:
             raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
+        if isinstance(request, ResponsesRequest):
+            _check_stateless(request)
         if not self.forwards_bodies:
             if isinstance(request, ChatCompletionRequest):
-                _reject_unsupported_chat(request)
-            else:
+                _check_tool_choice(request)
+            elif isinstance(request, CompletionRequest):
                 _reject_unsupported_completion(request)
-            if request.n != 1:
-                raise bad_request("this engine generates one choice per request (n=1); serve the model with vLLM "
-                                  "for n > 1, or send one request per choice", param="n")
         return Validated(endpoint, body, request, model)
 
     async def prepare(self, validated: Validated) -> PreparedRequest:
         """Tokens, keys and the engine request (tokenizing off the loop when the prompt is long)."""
         endpoint, model, request = validated.endpoint, validated.model, validated.request
+        if isinstance(request, EmbeddingRequest):
+            return await self._prepare_embeddings(validated, request)
         messages: list[dict[str, str]] | None = None
+        more_prompts: list[list[int]] = []
         text: str | None = None
         unrenderable: str | None = None
+        if isinstance(request, ResponsesRequest):
+            request, unrenderable = _responses_as_chat(request)
+            if unrenderable is not None and not self.forwards_bodies:
+                raise bad_request(f"this engine answers Responses requests of messages only (this one has "
+                                  f"{unrenderable.replace('_', ' ')}); serve the model with vLLM for more",
+                                  param="input")
         if isinstance(request, ChatCompletionRequest):
-            unrenderable = _unrenderable(validated.body) if self.forwards_bodies else None
+            if self.forwards_bodies and endpoint == "chat":
+                unrenderable = _unrenderable(validated.body)
             messages = _text_messages(request.messages, refuse_other_parts=unrenderable is None)
             if unrenderable is not None:
                 self._key_fallback(model, unrenderable)
                 prompt = []
             elif model.tokenizer is not None:
                 self._check_bound(model, sum(len(m["content"]) for m in messages), "messages")
-                tools = request.tools
+                tools = request.tool_dicts
                 prompt = await _tokenize(lambda: _chat_prompt(model, messages, tools), _chars(messages))
             else:
                 prompt = []
             max_tokens = request.max_completion_tokens or request.max_tokens
             logprobs = (request.top_logprobs or 0) if request.logprobs else None
         else:
-            completion_prompt = await self._completion_prompt(model, request.prompt)
+            batch = await self._completion_prompt(model, request.prompt)
+            completion_prompt = batch[0]
             prompt, text = ([], completion_prompt) if isinstance(completion_prompt, str) else (completion_prompt, None)
+            more_prompts = [p for p in batch[1:] if isinstance(p, list)]
             max_tokens = request.max_tokens or (
                 DEFAULT_COMPLETION_MAX_TOKENS if text is not None
                 else min(DEFAULT_COMPLETION_MAX_TOKENS, max(model.max_model_len - len(prompt), 1))
@@ -243,6 +277,8 @@ class RequestPreparer:
             # The engine renders it; it checks the length too.
             block_hashes, estimate, chat_messages = [], None, None
         elif prompt or model.tokenizer is not None:
+            for other in more_prompts:
+                _check_length(model, len(other), max_tokens)
             max_tokens = _check_length(model, len(prompt), max_tokens)
             block_hashes = model.hasher.block_hashes(prompt, model.block_size)
             estimate, chat_messages = None, None
@@ -254,7 +290,7 @@ class RequestPreparer:
             estimate = model.text_keys.estimate_tokens(key_text)
             chat_messages = messages  # None for a completion: its text goes as `prompt`
         engine_request = EngineRequest(
-            request_id=f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
+            request_id=f"{_ID_PREFIXES[endpoint]}-{uuid.uuid4().hex}",
             model=model.name,
             prompt_token_ids=prompt,
             block_hashes=block_hashes,
@@ -276,37 +312,69 @@ class RequestPreparer:
         )
         return PreparedRequest(
             endpoint, model, engine_request, include_usage=request.include_usage, body=validated.body,
+            request=request, more_prompts=more_prompts,
             stream=request.stream, wants_logprobs=logprobs is not None,
             return_token_ids=endpoint == "completions" and request.return_token_ids,
         )
 
+    async def _prepare_embeddings(self, validated: Validated, request: EmbeddingRequest) -> PreparedRequest:
+        """Embeddings are routed on load alone: the gateway does not tokenize them (an estimate of their
+        tokens is enough for the load), an engine's own server tokenizes every input."""
+        model = validated.model
+        inputs = request.inputs
+        if not inputs:
+            raise bad_request("the input is empty", param="input")
+        prompts: list[list[int]] = []
+        estimate = None
+        if self.forwards_bodies or model.tokenizer is None:
+            estimate = sum(max(1, len(item) // _CHARS_PER_TOKEN_ESTIMATE) if isinstance(item, str) else len(item)
+                           for item in inputs)
+        else:
+            for index, item in enumerate(inputs):
+                param = f"input.{index}" if len(inputs) > 1 else "input"
+                tokens = await self._one_prompt(model, item, param)
+                assert isinstance(tokens, list)
+                _check_length(model, len(tokens), 1)
+                prompts.append(tokens)
+        engine_request = EngineRequest(
+            request_id=f"embd-{uuid.uuid4().hex}", model=model.name, prompt_token_ids=prompts[0] if prompts else [],
+            prompt_tokens_estimate=estimate, sampling=SamplingParams(max_tokens=1), priority=request.priority,
+        )
+        return PreparedRequest("embeddings", model, engine_request, include_usage=False, body=validated.body,
+                               request=request, more_prompts=prompts[1:])
+
     async def _completion_prompt(
         self, model: ServedModel, prompt: str | list[int] | list[str] | list[list[int]]
-    ) -> list[int] | str:
-        """Token ids, or the text itself when the servers tokenize (no tokenizer here)."""
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-            prompt = prompt[0]
+    ) -> list[list[int] | str]:
+        """Each prompt's token ids, or its text when the servers tokenize (no tokenizer here). A batch
+        has several; the gateway, which only routes, tokenizes the first (its keys route the batch)."""
+        if isinstance(prompt, str) or not prompt or all(isinstance(token, int) for token in prompt):
+            batch: list[str | list[int]] = [prompt]  # type: ignore[list-item]
+        else:
+            batch = list(prompt)  # type: ignore[arg-type]
+        if self.forwards_bodies:
+            batch = batch[:1]
+        return [await self._one_prompt(model, one, f"prompt.{i}" if len(batch) > 1 else "prompt")
+                for i, one in enumerate(batch)]
+
+    async def _one_prompt(self, model: ServedModel, prompt: str | list[int], param: str) -> list[int] | str:
         if isinstance(prompt, str):
             if model.tokenizer is None:
                 if not prompt:
-                    raise bad_request("the prompt is empty", param="prompt")
+                    raise bad_request("the prompt is empty", param=param)
                 return prompt
-            self._check_bound(model, len(prompt), "prompt")
+            self._check_bound(model, len(prompt), param)
             tokenizer = model.tokenizer
             return await _tokenize(lambda: tokenizer.encode(prompt), len(prompt))
         if not prompt:
-            raise bad_request("the prompt is empty", param="prompt")
-        if not all(isinstance(token, int) for token in prompt):
-            raise bad_request(
-                "batched prompts are not supported; send one request per prompt", param="prompt"
-            )
+            raise bad_request("the prompt is empty", param=param)
         if model.tokenizer is None:
-            return list(prompt)  # type: ignore[arg-type]  # the server checks its vocabulary
+            return list(prompt)  # the server checks its vocabulary
         vocab = model.tokenizer.vocab_size
-        bad = next((token for token in prompt if not 0 <= token < vocab), None)  # type: ignore[operator]
+        bad = next((token for token in prompt if not 0 <= token < vocab), None)
         if bad is not None:
-            raise bad_request(f"token id {bad} is outside the vocabulary (size {vocab})", param="prompt")
-        return list(prompt)  # type: ignore[arg-type]
+            raise bad_request(f"token id {bad} is outside the vocabulary (size {vocab})", param=param)
+        return list(prompt)
 
     def _key_fallback(self, model: ServedModel, reason: str) -> None:
         if self._on_key_fallback is not None:
@@ -407,23 +475,72 @@ def _text_messages(messages: list[ChatMessage], *, refuse_other_parts: bool = Tr
     return rendered
 
 
-def _reject_unsupported_chat(request: ChatCompletionRequest) -> None:
-    if request.top_logprobs is not None and not request.logprobs:
-        raise bad_request("top_logprobs needs logprobs set to true", param="top_logprobs")
-    if request.tools:
-        raise bad_request("this engine does no tool calling; serve the model with vLLM for tools", param="tools")
-    if request.response_format and request.response_format.get("type", "text") != "text":
-        raise bad_request("this engine has no structured outputs (response_format type 'text' only); serve "
-                          "the model with vLLM for them", param="response_format")
+def _check_stateless(request: ResponsesRequest) -> None:
+    # A response stored on one engine replica cannot be found by the next request, which may go to
+    # another: the gateway serves the Responses API statelessly, and says so rather than half-working.
+    if request.previous_response_id is not None:
+        raise bad_request("the gateway serves the Responses API statelessly: send the whole conversation as "
+                          "`input` instead of `previous_response_id`", param="previous_response_id")
+    if request.background:
+        raise bad_request("background responses need a stored response; the gateway serves the Responses API "
+                          "statelessly", param="background")
+
+
+# Responses API content parts that are text, as chat's "text" part is.
+_TEXT_PARTS = ("input_text", "output_text", "text")
+
+
+def _responses_as_chat(request: ResponsesRequest) -> tuple[ChatCompletionRequest, str | None]:
+    """The chat a Responses request amounts to, as vLLM builds it (instructions as the system message,
+    a text input as the user's), and why the gateway cannot render it exactly, if it cannot."""
+    messages: list[dict[str, Any]] = []
+    reason: str | None = "tools" if request.tools else None
+    if request.instructions:
+        messages.append({"role": "system", "content": request.instructions})
+    if isinstance(request.input, str):
+        messages.append({"role": "user", "content": request.input})
+    else:
+        for item in request.input:
+            role, content = item.get("role"), item.get("content")
+            if item.get("type", "message") != "message" or role not in ("system", "developer", "user", "assistant"):
+                reason = reason or "tool_messages"
+                continue
+            if isinstance(content, list):
+                if any(not isinstance(p, dict) or p.get("type") not in _TEXT_PARTS for p in content):
+                    reason = reason or "content_parts"
+                content = [{"type": "text", "text": p.get("text")} for p in content
+                           if isinstance(p, dict) and p.get("type") in _TEXT_PARTS]
+            messages.append({"role": role, "content": content})
+    if not messages:
+        raise bad_request("the input is empty", param="input")
+    chat = {"model": request.model, "messages": messages, "max_tokens": request.max_output_tokens,
+            "temperature": request.temperature, "top_p": request.top_p, "stream": request.stream,
+            "user": request.user, "priority": request.priority, "seed": request.seed}
+    try:
+        return ChatCompletionRequest.model_validate(chat), reason
+    except ValidationError as error:
+        raise invalid_field(error.errors()) from None
+
+
+def _check_tool_choice(request: ChatCompletionRequest) -> None:
+    """What vLLM's server checks of `tool_choice` (the gateway leaves it to the engine it forwards to)."""
+    choice = request.tool_choice
+    if choice is None or choice == "none":
+        return
+    if not request.tools:
+        raise bad_request("When using `tool_choice`, `tools` must be set.", param="tool_choice")
+    if not isinstance(choice, str) and choice.function.name not in {t.function.name for t in request.tools}:
+        raise bad_request(f"tool_choice names the function {choice.function.name!r}, which is not among `tools`",
+                          param="tool_choice")
 
 
 def _reject_unsupported_completion(request: CompletionRequest) -> None:
-    if request.echo:
-        raise bad_request("this engine does not echo prompts; serve the model with vLLM for echo", param="echo")
+    # As vLLM: a suffix needs a model with fill-in-the-middle rendering, and best_of is gone from its V1 engine.
     if request.suffix:
-        raise bad_request("this engine takes no suffix", param="suffix")
+        raise bad_request("this engine takes no suffix (it needs a fill-in-the-middle model)", param="suffix")
     if request.best_of not in (None, 1):
-        raise bad_request("this engine generates one sequence per request (best_of=1)", param="best_of")
+        raise bad_request("this engine generates each choice once (best_of=1); ask for n choices instead",
+                          param="best_of")
 
 
 def _prompt_text(request: ChatCompletionRequest | CompletionRequest) -> str:

@@ -28,9 +28,9 @@ class ServingBase:
         return self.preparer.model_list()
 
     def model_card(self, requested: str) -> ModelCard:
-        """One served model by its name or an alias (`GET /v1/models/{id}`); 404 model_not_found if none."""
-        name = self.preparer.resolve(requested).name
-        return next(card for card in self.preparer.model_list().data if card.id == name)
+        """A served model or an alias by name (`GET /v1/models/{id}`); 404 model_not_found if none."""
+        self.preparer.resolve(requested)
+        return next(card for card in self.preparer.model_list().data if card.id == requested)
 
     def _count_refusal(self, endpoint: Endpoint, body: Any, error: APIError) -> None:
         requested = body.get("model") if isinstance(body, dict) else None

@@ -32,6 +32,11 @@ def refusal(status: int, body: bytes) -> Exception:
     message, param = error_message(status, body)
     if status in (400, 422):
         return EngineRequestRejected(message, param=param)
+    if status == 404:
+        # The server lacks the route (an embedding model asked for a chat) or the model: trying the
+        # model's other servers would only find the same.
+        return EngineRequestRejected(f"the engine server has no answer for this request (HTTP 404: {message}); "
+                                     "does this model serve this endpoint?", param="model")
     failure = EngineOverloaded if status in _OVERLOAD_CODES else EngineUnavailableError
     return failure(f"the engine server answered HTTP {status}: {message}")
 

@@ -44,6 +44,10 @@ class ReplicaInfo(BaseModel):
     node_id: str | None = Field(
         default=None, description="The cluster node the engine runs on (a loopback endpoint is reachable only there)."
     )
+    metrics_dialect: str = Field(
+        default="vllm", description="What the engine's metrics speak: vllm, sglang, or none (its load is the "
+        "routers' own count of requests in flight there)."
+    )
 
 
 ReplicaStats = EngineLoad

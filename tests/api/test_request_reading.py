@@ -26,22 +26,23 @@ MESSAGES = [{"role": "user", "content": "Hello there"}]
 
 
 @contextlib.asynccontextmanager
-async def gateway_app(engine_app=None):
+async def gateway_app(engine_app=None, max_model_len: int = 512):
     """The gateway's ASGI app routing to a simulated engine's own server on loopback (no Ray)."""
-    engine_app = engine_app or create_app(FAST, model="sim-llama", max_model_len=512)
+    engine_app = engine_app or create_app(FAST, model="sim-llama", max_model_len=max_model_len)
     async with serving(engine_app) as url:
         state = fleet(("e", url, "mixed"), model="sim-llama", node_id="here")
         client = ClientBuilder(Scheduler(state)).build(ModelPlan("sim-llama", 16),
                                                        Reach(http=HTTPTransport(UpstreamPool()), node_id="here"))
-        model = ServedModel("sim-llama", PromptTokenizer.from_dir(BUILTIN_TOKENIZER_DIR), client, max_model_len=512,
+        model = ServedModel("sim-llama", PromptTokenizer.from_dir(BUILTIN_TOKENIZER_DIR), client,
+                            max_model_len=max_model_len,
                             block_size=16, hasher=get_hasher(), aliases=("default",))
         yield GatewayASGI(GatewayServing([model]), max_body_bytes=1 << 20, metrics=lambda: b"")
     await engine_app.state.engine.shutdown()
 
 
 @contextlib.asynccontextmanager
-async def engine_server_app():
-    app = create_app(FAST, model="sim-llama", max_model_len=512)
+async def engine_server_app(max_model_len: int = 512):
+    app = create_app(FAST, model="sim-llama", max_model_len=max_model_len)
     yield app
     await app.state.engine.shutdown()
 
@@ -123,11 +124,13 @@ async def test_a_model_is_retrieved_by_name_and_an_unknown_one_is_404(http):
     assert missing.value.body["code"] == "model_not_found"
 
 
-async def test_an_alias_retrieves_its_model():
+async def test_aliases_are_listed_and_retrieved_as_models_of_their_own():
     async with gateway_app() as app, httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                                        base_url="http://test") as http:
         r = await http.get("/v1/models/default")
-    assert r.status_code == 200 and r.json()["id"] == "sim-llama"
+        listed = (await http.get("/v1/models")).json()["data"]
+    assert r.status_code == 200 and r.json()["id"] == "default" and r.json()["root"] == "sim-llama"
+    assert [(m["id"], m["root"]) for m in listed] == [("sim-llama", "sim-llama"), ("default", "sim-llama")]
 
 
 async def test_the_clients_own_errors_reach_it_through_the_official_client(http):

@@ -324,3 +324,38 @@ def test_servers_found_through_kubernetes_join_and_leave_the_gateway(fleet, tmp_
             serve.delete(app)
         server.stop()
         emulator.stop()
+
+
+def test_sglang_and_plain_openai_servers_serve_and_say_what_they_lack(fleet):
+    """Servers beyond vLLM: one speaking SGLang's metrics, one with no /metrics at all (any OpenAI server).
+    Both serve; the gateway shows each one's dialect."""
+    servers = [SimServer(time_scale=0.1, args=("--metrics-dialect", dialect)) for dialect in ("sglang", "none")]
+    app = "dialects"
+    try:
+        for server in servers:
+            server.start()
+        engine = {"kind": "external", "served_model_name": "sim-llama", "endpoints": [s.url for s in servers],
+                  "scrape_interval_s": 0.1}
+        args = {"models": [{"name": "mixed", "max_model_len": 4096, "tokenizer": str(BUILTIN_TOKENIZER_DIR),
+                            "engine": engine}]}
+        listener = listen_on_free_port(args)
+        serve.run(build_gateway(parse_gateway_config(args)), name=app, route_prefix="/dialects")
+        handle = serve.get_app_handle(app)
+        assert wait_for(lambda: len(handle.routing_state.remote().result(timeout_s=10)["replicas"]) == 2,
+                        timeout_s=30)
+        client = OpenAI(base_url=f"{listener}/v1", api_key="unused", max_retries=0, timeout=60)
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(lambda i: client.completions.create(
+                model="mixed", prompt=long_prompt(100 + i), max_tokens=8, extra_body={"ignore_eos": True}), range(16)))
+        assert all(r.choices[0].finish_reason == "length" for r in replies)
+        on_sglang = metric_value(servers[0].metrics(), "sglang:num_requests_total")
+        assert 0 < on_sglang < 16, "both servers served: the one without metrics is routed on in-flight counts"
+        page = httpx.get(f"{listener}/metrics").text
+        for dialect in ("sglang", "none"):
+            assert any(f'dialect="{dialect}"' in line and line.endswith(" 1.0")
+                       for line in page.splitlines() if line.startswith("gateway_replica_metrics_dialect"))
+    finally:
+        with contextlib.suppress(Exception):
+            serve.delete(app)
+        for server in servers:
+            server.stop()

@@ -94,7 +94,7 @@ def test_openai_client_streams_with_usage(gateway):
 
 def test_aliases_and_models_list(gateway):
     client = OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
-    assert [m.id for m in client.models.list()] == ["sim-llama"]
+    assert [(m.id, m.root) for m in client.models.list()] == [("sim-llama", "sim-llama"), ("default", "sim-llama")]
     reply = client.completions.create(model="default", prompt="hi", max_tokens=2)
     assert reply.model == "sim-llama"
 
@@ -139,6 +139,18 @@ def test_handle_api_for_batch_jobs(gateway):
     with pytest.raises(APIError) as raised:
         handle.chat.remote({**CHAT, "model": "nope"}).result(timeout_s=30)
     assert raised.value.status_code == 404
+
+    # The whole request surface, as over HTTP: a forced tool call, n choices, embeddings, the Responses API.
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {
+        "type": "object", "properties": {"key": {"type": "string", "maxLength": 8}}, "required": ["key"]}}}
+    forced = handle.chat.remote({**CHAT, "max_tokens": 100, "tools": [tool], "tool_choice": "required"}).result()
+    (call,) = forced["choices"][0]["message"]["tool_calls"]
+    assert call["function"]["name"] == "lookup" and "key" in json.loads(call["function"]["arguments"])
+    assert len(handle.chat.remote({**CHAT, "n": 2, "max_tokens": 2}).result()["choices"]) == 2
+    vectors = handle.embeddings.remote({"model": "sim-llama", "input": ["a cat", "a dog"]}).result(timeout_s=30)
+    assert [e["index"] for e in vectors["data"]] == [0, 1]
+    answer = handle.responses.remote({"model": "sim-llama", "input": "hi", "max_output_tokens": 3}).result()
+    assert answer["object"] == "response" and answer["output"][0]["content"][0]["text"]
 
     tokens = handle.tokenize.remote({"model": "sim-llama", "prompt": "hi there"}).result(timeout_s=30)
     assert tokens["count"] == len(tokens["tokens"]) > 0
@@ -190,11 +202,13 @@ def test_overload_gets_503_with_retry_after_and_nothing_hangs(gateway):
 
 
 def test_a_stream_the_engine_refuses_gets_the_status_not_a_200(gateway):
-    # The simulated engine has no logprobs: it refuses before generating, so the client sees a 400.
-    body = {**CHAT, "max_tokens": 4, "stream": True, "logprobs": True}
+    # The engine refuses a tool_choice naming no tool before generating, so the client sees a 400.
+    tool = {"type": "function", "function": {"name": "lookup"}}
+    body = {**CHAT, "max_tokens": 4, "stream": True, "tools": [tool],
+            "tool_choice": {"type": "function", "function": {"name": "missing"}}}
     with httpx.stream("POST", gateway + "/v1/chat/completions", json=body, timeout=30) as response:
         response.read()
-    assert response.status_code == 400 and "logprobs" in response.json()["error"]["message"]
+    assert response.status_code == 400 and response.json()["error"]["param"] == "tool_choice"
 
     # Overload before the first token: a 503 with Retry-After, not a 200 with an error inside.
     slow = {**CHAT, "max_tokens": 150, "ignore_eos": True, "stream": True}

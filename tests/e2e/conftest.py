@@ -29,6 +29,23 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+# What a tool-calling, JSON-answering deployment sets: a tool-call parser (vLLM needs one for any
+# tool_choice), and compact JSON (a random-weight model would otherwise fill its budget with whitespace).
+TOOLS_AND_JSON_ARGS = [
+    "--enable-auto-tool-choice", "--tool-call-parser", "pythonic",
+    "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}',
+]
+
+# Bounded so that a random-weight model, constrained by vLLM's grammar, finishes well within max_tokens.
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "pattern": "^[a-z]{1,8}$"}, "unit": {"enum": ["c", "f"]},
+                   "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+    "required": ["city", "unit", "days"],
+    "additionalProperties": False,
+}
+
+
 def vllm_cpu_engine(model_dir: Path, **overrides) -> dict:
     """The engine section the CPU configs use, pointed at the test model."""
     return {

@@ -5,9 +5,11 @@ split request must produce the same tokens and logprobs.
 """
 
 import concurrent.futures
+import json
 import time
 
 import httpx
+import jsonschema
 import pytest
 import ray
 from openai import OpenAI
@@ -15,7 +17,7 @@ from ray import serve
 
 from app.config import parse_gateway_config
 from app.deployments.builder import build_gateway
-from tests.e2e.conftest import engine_processes, vllm_cpu_engine
+from tests.e2e.conftest import TOOLS_AND_JSON_ARGS, WEATHER, engine_processes, vllm_cpu_engine
 from tests.helpers import free_port, metric_value, start_local_serve, stop_local_serve, wait_for
 
 pytestmark = [pytest.mark.serve, pytest.mark.vllm]
@@ -31,7 +33,7 @@ def split_model(model_dir, connector: dict) -> dict:
     return {
         "name": SPLIT,
         "max_model_len": 1024,
-        "engine": vllm_cpu_engine(model_dir, kv_transfer=connector),
+        "engine": vllm_cpu_engine(model_dir, kv_transfer=connector, extra_args=TOOLS_AND_JSON_ARGS),
         "deployment": {"num_replicas": 0},
         "disaggregation": {"prefill": {"num_replicas": 1}, "decode": {"num_replicas": 1}, "min_split_tokens": 32},
     }
@@ -89,7 +91,8 @@ def assert_split_matches_reference(url: str) -> None:
 
 
 def test_nixl_split_gives_the_same_tokens_and_logprobs_as_one_mixed_server(serve_url, tiny_model):
-    reference = {"name": REFERENCE, "max_model_len": 1024, "engine": vllm_cpu_engine(tiny_model),
+    reference = {"name": REFERENCE, "max_model_len": 1024,
+                 "engine": vllm_cpu_engine(tiny_model, extra_args=TOOLS_AND_JSON_ARGS),
                  "deployment": {"num_replicas": 1}}
     deploy([reference, split_model(tiny_model, {"connector": "nixl"})])
     for prompt in PROMPTS:
@@ -119,6 +122,18 @@ def test_openai_client_streams_a_split_request(serve_url):
     ))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert chunks[-1].usage.completion_tokens == 8
+
+
+def test_a_json_schema_request_is_split_and_its_answer_validates(serve_url):
+    """The prefill hop carries the client's response_format, so both engines run the same grammar."""
+    client = OpenAI(base_url=serve_url + "/v1", api_key="unused", max_retries=0)
+    before = paths(serve_url)
+    reply = client.chat.completions.create(
+        model=SPLIT, messages=[{"role": "user", "content": "As JSON: " + PROMPTS[2]}], max_tokens=300, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "weather", "schema": WEATHER}})
+    assert paths(serve_url)["split"] == before["split"] + 1
+    assert reply.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(reply.choices[0].message.content), WEATHER)
 
 
 def test_requests_complete_when_the_prefill_replica_is_killed(serve_url):

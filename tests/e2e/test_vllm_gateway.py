@@ -1,9 +1,11 @@
 """The gateway over two real vLLM CPU engines (2 mixed replicas), on the gateway's own listener."""
 
+import json
 import random
 import time
 
 import httpx
+import jsonschema
 import pytest
 import ray
 from openai import OpenAI
@@ -12,14 +14,18 @@ from ray import serve
 from app.config import parse_gateway_config
 from app.deployments.builder import build_gateway
 from app.deployments.state_actor import NAMESPACE, actor_name
-from tests.e2e.conftest import engine_processes, vllm_cpu_engine
+from tests.e2e.conftest import TOOLS_AND_JSON_ARGS, WEATHER, engine_processes, vllm_cpu_engine
 from tests.helpers import free_port, metric_sample, start_local_serve, stop_local_serve, wait_for
 
 pytestmark = [pytest.mark.serve, pytest.mark.vllm]
 
 MODEL = "tiny-llama"
+EMBED_MODEL = "tiny-embed"
 WORDS = "river stone cloud maple engine harbor violet copper lantern meadow signal orbit".split()
 LISTEN_PORT = free_port()  # every redeploy of the app keeps its listener here
+WEATHER_TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather by city",
+                                                   "parameters": WEATHER}}]
+WEATHER_CHAT = [{"role": "user", "content": "What is the weather by the harbor?"}]
 
 
 def gateway_args(model_dir, policy: str) -> dict:
@@ -27,8 +33,14 @@ def gateway_args(model_dir, policy: str) -> dict:
         "models": [{
             "name": MODEL,
             "max_model_len": 1024,
-            "engine": vllm_cpu_engine(model_dir),
+            "engine": vllm_cpu_engine(model_dir, extra_args=TOOLS_AND_JSON_ARGS),
             "deployment": {"num_replicas": 2, "max_ongoing_requests": 64},
+        }, {
+            # The same weights as an embedding model: vLLM's pooling runner, last-token pooling.
+            "name": EMBED_MODEL,
+            "max_model_len": 1024,
+            "engine": vllm_cpu_engine(model_dir, extra_args=["--runner", "pooling", "--convert", "embed"]),
+            "deployment": {"num_replicas": 1},
         }],
         "routing": {"policy": policy},
         "ingress": {"listen": {"host": "127.0.0.1", "port": LISTEN_PORT}},
@@ -45,7 +57,7 @@ def gateway(tiny_model):
     try:
         deploy(tiny_model, "prefix_aware")
         url = f"http://127.0.0.1:{LISTEN_PORT}"
-        wait_for(lambda: len(routing_state()["replicas"]) == 2, timeout_s=30)
+        wait_for(lambda: len(routing_state()["replicas"]) == 3, timeout_s=30)
         yield url
     finally:
         stop_local_serve()
@@ -144,13 +156,21 @@ def test_the_gateways_keys_for_chats_are_the_blocks_vllm_stores(gateway):
          {"role": "assistant", "content": " ".join(WORDS * 4)},
          {"role": "user", "content": "And the lantern by the river?"}],
         [{"role": "user", "content": " ".join(WORDS * 12)}],
+        # Content parts of text: vLLM joins them with newlines, as the gateway does.
+        [{"role": "system", "content": system}, {"role": "user", "content": [
+            {"type": "text", "text": "First part."}, {"type": "text", "text": " ".join(WORDS * 3)}]}],
+    ]
+    tool_chats = [
+        # Tool definitions: the template renders them (tojson, vLLM's field order and nulls) into the prompt.
+        [{"role": "system", "content": system}, {"role": "user", "content": "Weather by the harbor?"}],
     ]
     handle = serve.get_app_handle("gateway")
     actor = ray.get_actor(actor_name("gateway"), namespace=NAMESPACE)
     client = OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
-    for messages in conversations:
-        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1)
-        keys = handle.routing_keys.remote("chat", {"model": MODEL, "messages": messages}).result(timeout_s=30)
+    requests = [{"messages": m} for m in conversations] + [{"messages": m, "tools": WEATHER_TOOLS} for m in tool_chats]
+    for request in requests:
+        client.chat.completions.create(model=MODEL, max_tokens=1, **request)
+        keys = handle.routing_keys.remote("chat", {"model": MODEL, **request}).result(timeout_s=30)
         assert len(keys) >= 3, "long enough for several full 32-token blocks"
 
         def stored(keys: list[int] = keys) -> int:
@@ -158,6 +178,104 @@ def test_the_gateways_keys_for_chats_are_the_blocks_vllm_stores(gateway):
 
         # Every full block of the prompt, keyed as the gateway keys it, is one vLLM says it stored.
         assert wait_for(lambda: stored() == len(keys), timeout_s=15), (stored(), len(keys))  # noqa: B023
+
+
+def test_json_schema_answers_validate_streamed_or_not(gateway):
+    client = OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
+    response_format = {"type": "json_schema", "json_schema": {"name": "weather", "schema": WEATHER}}
+    reply = client.chat.completions.create(model=MODEL, messages=WEATHER_CHAT, max_tokens=300, temperature=0,
+                                           response_format=response_format)
+    assert reply.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(reply.choices[0].message.content), WEATHER)
+    stream = client.chat.completions.create(model=MODEL, messages=WEATHER_CHAT, max_tokens=300, temperature=0.8,
+                                            response_format=response_format, stream=True)
+    jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in stream if c.choices)), WEATHER)
+
+
+def test_required_tool_choice_calls_the_function_with_valid_arguments(gateway):
+    client = OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
+    reply = client.chat.completions.create(model=MODEL, messages=WEATHER_CHAT, tools=WEATHER_TOOLS,
+                                           tool_choice="required", parallel_tool_calls=False, max_tokens=300,
+                                           temperature=0)
+    (call,) = reply.choices[0].message.tool_calls
+    assert call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER)
+    stream = client.chat.completions.create(model=MODEL, messages=WEATHER_CHAT, tools=WEATHER_TOOLS,
+                                            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                            max_tokens=300, temperature=0, stream=True)
+    deltas = [d for c in stream if c.choices for d in c.choices[0].delta.tool_calls or []]
+    assert deltas[0].function.name == "get_weather"
+    jsonschema.validate(json.loads("".join(d.function.arguments or "" for d in deltas)), WEATHER)
+
+
+def test_n_choices_and_top_logprobs(gateway):
+    client = OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
+    reply = client.chat.completions.create(model=MODEL, messages=WEATHER_CHAT, n=3, max_tokens=4, temperature=1.0,
+                                           logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert reply.usage.completion_tokens == 12
+    for choice in reply.choices:
+        assert len(choice.logprobs.content) == 4
+        assert all(len(entry.top_logprobs) == 3 for entry in choice.logprobs.content)
+    stream = client.chat.completions.create(model=MODEL, messages=WEATHER_CHAT, n=3, max_tokens=4, temperature=1.0,
+                                            stream=True, extra_body={"ignore_eos": True})
+    assert {choice.index for chunk in stream for choice in chunk.choices} == {0, 1, 2}
+
+
+def test_presence_penalty_changes_the_greedy_answer(gateway):
+    """The penalty acts only once a greedy answer would repeat a token, so a few answers are compared."""
+    client = OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
+
+    def answer(topic: str, **extra) -> str:
+        messages = [{"role": "user", "content": f"Tell me about the {topic}"}]
+        return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=64, temperature=0,
+                                              extra_body={"ignore_eos": True}, **extra).choices[0].message.content
+
+    topics = ["harbor and the lantern", "meadow", "copper engine", "violet orbit"]
+    plain = [answer(topic) for topic in topics]
+    assert [answer(topic) for topic in topics] == plain, "greedy answers repeat"
+    assert [answer(topic, presence_penalty=2.0) for topic in topics] != plain, "the penalty reached vLLM"
+
+
+def test_completion_echo_returns_the_prompt_first(gateway):
+    client = OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
+    reply = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=3, echo=True, logprobs=1,
+                                      temperature=0)
+    choice = reply.choices[0]
+    assert choice.text.startswith("Once upon a time")
+    assert choice.logprobs.token_logprobs[0] is None and len(choice.logprobs.tokens) > 3
+    batch = client.completions.create(model=MODEL, prompt=["Once upon a time", "In a harbor"], max_tokens=2)
+    assert [c.index for c in batch.choices] == [0, 1]
+
+
+def test_embeddings_from_a_vllm_pooling_model(gateway):
+    client = OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
+    reply = client.embeddings.create(model=EMBED_MODEL, input=["the harbor at night", "a copper lantern"])
+    assert [e.index for e in reply.data] == [0, 1]
+    first, second = (e.embedding for e in reply.data)
+    assert len(first) == len(second) > 0 and first != second
+    assert reply.usage.prompt_tokens > 0
+    again = client.embeddings.create(model=EMBED_MODEL, input="the harbor at night", encoding_format="float")
+    assert again.data[0].embedding == pytest.approx(first, abs=1e-4)
+    # An embedding model has no chat: a 400 that says so, not a 503 after trying every replica.
+    r = httpx.post(gateway + "/v1/chat/completions", json={"model": EMBED_MODEL, "messages": WEATHER_CHAT})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+
+
+def test_responses_api_through_the_gateway(gateway):
+    client = OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
+    reply = client.responses.create(model=MODEL, input="Tell me about the harbor", instructions="Be brief",
+                                    max_output_tokens=5, store=False)
+    assert reply.model == MODEL and reply.output_text and reply.usage.output_tokens == 5
+    events = list(client.responses.create(model=MODEL, input="Tell me about the harbor", max_output_tokens=5,
+                                          stream=True))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas and events[-1].type in ("response.completed", "response.incomplete")
+
+
+def test_best_of_is_refused_rather_than_ignored(gateway):
+    r = httpx.post(gateway + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, "best_of": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
 
 
 def test_client_disconnect_aborts_the_request_in_vllm(gateway):
@@ -199,7 +317,7 @@ def test_prefix_aware_routing_beats_round_robin_on_vllm_hit_rate(gateway, tiny_m
     # Last in this module: it leaves the app on round-robin. Fresh prefixes for each policy.
     ours = _hit_rate_of(gateway, "aware")
     deploy(tiny_model, "round_robin")
-    assert wait_for(lambda: len(routing_state()["replicas"]) == 2, timeout_s=60)
+    assert wait_for(lambda: len(routing_state()["replicas"]) == 3, timeout_s=60)
     assert routing_state()["policy"] == "round_robin"
     round_robin = _hit_rate_of(gateway, "robin")
     print(f"vLLM prefix-cache hit rate: prefix_aware {ours:.3f}, round_robin {round_robin:.3f}")

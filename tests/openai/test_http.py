@@ -89,8 +89,10 @@ async def test_completion_accepts_token_ids_and_stop_strings(client):
         ({**CHAT, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
         ({**CHAT, "max_tokens": 100_000}, 400, "max_tokens"),
         ({**CHAT, "messages": [{"role": "user", "content": "word " * 600}]}, 400, "messages"),
-        ({**CHAT, "n": 3}, 400, "n"),
-        ({**CHAT, "logprobs": True}, 400, "logprobs"),
+        ({**CHAT, "n": 0}, 400, "n"),
+        ({**CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
+        ({**CHAT, "tools": []}, 400, "tools"),
+        ({**CHAT, "tool_choice": "sometimes"}, 400, "tool_choice"),
         ({**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "messages.0.content"),
     ],
 )

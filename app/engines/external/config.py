@@ -111,6 +111,19 @@ class ExternalEngineConfig(_Strict):
     hash_seed: str = Field(default="0", description="The servers' PYTHONHASHSEED (it seeds vLLM's block hashes).")
     enable_prefix_caching: bool = True
     max_num_seqs: int | None = Field(default=None, ge=1, description="The servers' --max-num-seqs, if known.")
+    metrics: Literal["auto", "vllm", "sglang", "none"] = Field(
+        default="auto",
+        description="The dialect of the servers' /metrics: vLLM's, SGLang's, or none (any other OpenAI-compatible "
+        "server: routed on the gateway's own in-flight counts, alive while `health_path` answers). auto: read "
+        "from each server's page.",
+    )
+    health_path: str = Field(default="/health", pattern=r"^/", description="For servers without readable metrics: "
+                             "the route that answers 200 while the server is up.")
+    num_blocks: int | None = Field(
+        default=None, ge=1,
+        description="The servers' KV cache in blocks, when their metrics do not say it (SGLang's and other servers' "
+        "pages); bounds the router's record of what each caches.",
+    )
     chars_per_token: float = Field(
         default=4.0, gt=0, le=64,
         description="Only without the model's `tokenizer`: characters per token of the approximate text keys "

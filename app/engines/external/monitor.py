@@ -17,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from typing import Literal
 
-from app.engines.vllm.metrics import MetricsFormatError, engine_stats
-from app.protocol.engine import EngineStats
+from app.engines.external.dialects import Dialect, blank_stats, dialect_of, read_stats
+from app.engines.vllm.metrics import MetricsFormatError
+from app.protocol.engine import CacheConfig, EngineStats
 from app.upstream import UpstreamError, UpstreamPool
 
 
@@ -51,15 +53,22 @@ class EndpointMonitor:
         *,
         model: str,
         endpoint_id: str,
-        hash_seed: str = "0",
+        declared: CacheConfig,
+        metrics: Literal["auto", "vllm", "sglang", "none"] = "auto",
+        health_path: str = "/health",
         down_after_s: float = 3.0,
         timeout_s: float = 2.0,
     ) -> None:
+        """`declared`: the cache geometry the config gives, for servers whose metrics do not say it."""
         self.url = url.rstrip("/")
         self.endpoint_id = endpoint_id
         self._http = http
         self._model = model
-        self._hash_seed = hash_seed
+        self._declared = declared
+        self._metrics = metrics
+        self._health_path = health_path
+        self.dialect: Dialect | None = None
+        """What the server's metrics speak, once it has answered."""
         self._down_after_s = down_after_s
         self._timeout_s = timeout_s
         self.stats: EngineStats | None = None
@@ -76,18 +85,34 @@ class EndpointMonitor:
             return False
         return not (self._failing and time.monotonic() - self.last_ok > self._down_after_s)
 
-    async def _scrape(self) -> str:
+    async def _get(self, path: str) -> str:
         async with asyncio.timeout(self._timeout_s):
-            response = await self._http.request(self.url, "/metrics", method="GET")
+            response = await self._http.request(self.url, path, method="GET")
             body = await response.read()
         if response.status != 200:
-            raise ScrapeError(f"HTTP {response.status} from {self.url}/metrics")
+            raise ScrapeError(f"HTTP {response.status} from {self.url}{path}")
         return body.decode(errors="replace")
+
+    async def _read(self) -> tuple[EngineStats, Dialect]:
+        """The server's stats in the dialect its page speaks; for a server without readable metrics (in
+        auto, or `none`), blank stats while its health route answers."""
+        ids = {"engine_id": self.endpoint_id, "model": self._model, "declared": self._declared}
+        if self._metrics != "none":
+            try:
+                text: str | None = await self._get("/metrics")
+            except ScrapeError:
+                if self._metrics != "auto":
+                    raise
+                text = None
+            dialect = (dialect_of(text) if text is not None else None) if self._metrics == "auto" else self._metrics
+            if dialect is not None and text is not None:
+                return read_stats(dialect, text, **ids), dialect
+        await self._get(self._health_path)
+        return blank_stats(**ids), "none"
 
     async def poll(self) -> PollResult:
         try:
-            text = await self._scrape()
-            stats = engine_stats(text, engine_id=self.endpoint_id, model=self._model, hash_seed=self._hash_seed)
+            stats, self.dialect = await self._read()
         except (UpstreamError, ScrapeError, TimeoutError, MetricsFormatError) as error:
             self.last_error = f"{type(error).__name__}: {error}"
             self._failing = True

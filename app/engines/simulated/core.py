@@ -132,11 +132,6 @@ class SimulatedEngineCore:
         prompt = request.prompt_token_ids
         if not prompt:
             raise EngineRequestRejected("the prompt is empty")
-        if request.sampling.logprobs is not None:
-            raise EngineRequestRejected(
-                "the simulated engine does not compute logprobs; serve the model with a vLLM engine for them",
-                param="logprobs",
-            )
         max_tokens = request.sampling.max_tokens
         if len(prompt) >= self.max_model_len:
             raise EngineRequestRejected(

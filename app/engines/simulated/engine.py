@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import random
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -20,7 +22,16 @@ from app.engines.simulated.config import SimulatedEngineConfig
 from app.engines.simulated.core import CoreOutput, SimulatedEngineCore
 from app.engines.simulated.metrics import EngineMetrics
 from app.kv.events import encode_batch
-from app.protocol.engine import CacheConfig, EngineOutput, EngineRequest, EngineRole, EngineStats, merge_outputs
+from app.protocol.engine import (
+    CacheConfig,
+    EngineOutput,
+    EngineRequest,
+    EngineRole,
+    EngineStats,
+    TokenLogprob,
+    TopLogprob,
+    merge_outputs,
+)
 from app.tokenizer import IncrementalDetokenizer, PromptTokenizer
 
 if TYPE_CHECKING:
@@ -40,6 +51,7 @@ class _Stream:
     held_text: str = ""
     last_token_time: float | None = None
     finished: bool = False
+    logprob_rng: random.Random = field(default_factory=random.Random)
 
 
 class SimulatedEngine:
@@ -149,7 +161,8 @@ class SimulatedEngine:
             raise RuntimeError("the engine is shut down")
         if self._loop_task is None:
             await self.start()
-        stream = _Stream(request, IncrementalDetokenizer(self.tokenizer), arrival=self._now())
+        stream = _Stream(request, IncrementalDetokenizer(self.tokenizer), arrival=self._now(),
+                         logprob_rng=random.Random(request.request_id))
         self.core.add_request(request, self._now())  # raises EngineRequestRejected up front
         self._streams[request.request_id] = stream
         self._wake.set()
@@ -244,6 +257,7 @@ class SimulatedEngine:
             num_prompt_tokens=core_output.num_prompt_tokens,
             num_cached_tokens=core_output.num_cached_tokens,
             kv_transfer_params=core_output.kv_transfer_params,
+            logprobs=self._logprobs(stream, core_output.new_token_ids) if sampling.logprobs is not None else None,
         )
         if finish_reason is not None:
             stream.finished = True
@@ -251,6 +265,23 @@ class SimulatedEngine:
             self.core.abort(core_output.request_id)  # a stop string ends it early; no-op otherwise
             self.metrics.observe_finish(stream.arrival, now)
         stream.queue.put_nowait(output)
+
+    def _logprobs(self, stream: _Stream, token_ids: list[int]) -> list[TokenLogprob]:
+        """Made-up log-probabilities in vLLM's shape: each token was the likeliest, its alternatives less so."""
+        rng, top = stream.logprob_rng, stream.request.sampling.logprobs or 0
+        decode = self.tokenizer.decode
+        entries = []
+        for token_id in token_ids:
+            logprob = math.log(rng.uniform(0.3, 1.0))
+            alternatives = [TopLogprob(token=decode([token_id], skip_special_tokens=False), logprob=logprob,
+                                       token_id=token_id)]
+            for rank in range(1, top):
+                other = rng.randrange(self.tokenizer.vocab_size)
+                alternatives.append(TopLogprob(token=decode([other], skip_special_tokens=False),
+                                               logprob=logprob - rank - rng.random(), token_id=other))
+            entries.append(TokenLogprob(token=alternatives[0].token, logprob=logprob, token_id=token_id,
+                                        top_logprobs=alternatives[:top]))
+        return entries
 
 
 def _find_stop(text: str, stops: list[str]) -> tuple[int, str] | None:

@@ -79,3 +79,20 @@ class EngineMetrics(MetricSet):
 
     def observe_finish(self, arrival: float, now: float) -> None:
         self._e2e.observe(now - arrival)
+
+
+def sglang_page(stats: EngineStats, model: str) -> bytes:
+    """The engine's state under SGLang's metric names, so the simulator can stand in for an SGLang server."""
+    labels = f'{{model_name="{model}"}}'
+    cache = stats.cache_config
+    samples = {
+        "sglang:num_running_reqs": stats.num_requests_running,
+        "sglang:num_queue_reqs": stats.num_requests_waiting,
+        "sglang:token_usage": stats.kv_cache_usage_perc,
+        "sglang:max_total_num_tokens": cache.num_gpu_blocks * cache.block_size,
+        "sglang:prompt_tokens_total": stats.prompt_tokens,
+        "sglang:generation_tokens_total": stats.generation_tokens,
+        "sglang:cached_tokens_total": stats.prefix_cache_hits,
+        "sglang:num_requests_total": stats.request_success,
+    }
+    return "".join(f"{name}{labels} {float(value)}\n" for name, value in samples.items()).encode()

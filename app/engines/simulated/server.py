@@ -3,7 +3,8 @@
     python -m app.engines.simulated --port 8100 [--model sim-llama] [--engine-config engine.yaml]
         [--kv-events-endpoint tcp://127.0.0.1:5557]
 
-Serves /v1/completions, /v1/chat/completions (streaming and not), /v1/models[/{id}], /health and /metrics
+Serves /v1/completions, /v1/chat/completions, /v1/responses (streaming and not), /v1/embeddings,
+/v1/models[/{id}], /health and /metrics
 (vLLM metric names), so any HTTP router or benchmark tool can drive it. With --kv-events-endpoint it
 also publishes its KV-cache events over ZMQ, as vLLM's zmq publisher does.
 """
@@ -23,6 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from app.engines.simulated.config import SimulatedEngineConfig
 from app.engines.simulated.engine import SimulatedEngine
 from app.engines.simulated.kv_publisher import KVEventPublisher
+from app.engines.simulated.metrics import sglang_page
 from app.kv.hashing import get_hasher
 from app.openai.engine_serving import OpenAIServing, ServedModel
 from app.openai.http import PROMETHEUS_CONTENT_TYPE, OpenAIHTTP, install_error_handlers
@@ -38,9 +40,11 @@ def create_app(
     max_body_bytes: int = 8 * 1024 * 1024,
     kv_events_endpoint: str | None = None,
     engine: SimulatedEngine | None = None,
+    metrics_dialect: str = "vllm",
 ) -> FastAPI:
     """The server's app. With `engine`, it serves that engine (started and stopped by its owner, an engine
-    replica); without, it makes one and runs it for the app's lifetime."""
+    replica); without, it makes one and runs it for the app's lifetime. `metrics_dialect`: /metrics under
+    vLLM's names, SGLang's, or none at all (404), to stand in for servers of each kind."""
     owned = engine is None
     tokenizer = PromptTokenizer.from_dir(tokenizer_dir) if engine is None else engine.tokenizer
     if engine is None:
@@ -84,6 +88,14 @@ def create_app(
     async def completions(request: Request) -> Response:
         return await http.completions(request)
 
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        return await http.embeddings(request)
+
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Response:
+        return await http.responses(request)
+
     @app.get("/v1/models")
     async def models() -> JSONResponse:
         return http.models()
@@ -98,7 +110,10 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(engine.metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)
+        if metrics_dialect == "none":
+            return Response(status_code=404)
+        page = engine.metrics.render() if metrics_dialect == "vllm" else sglang_page(engine.stats(), model)
+        return Response(page, media_type=PROMETHEUS_CONTENT_TYPE)
 
     return app
 
@@ -113,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--engine-config", type=Path, help="YAML or JSON with SimulatedEngineConfig fields")
     parser.add_argument("--time-scale", type=float, help="wall seconds per modelled second (0.1 = 10x faster)")
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--metrics-dialect", choices=["vllm", "sglang", "none"], default="vllm",
+                        help="/metrics under vLLM's names, SGLang's, or none (404): to stand in for other servers")
     parser.add_argument("--kv-events-endpoint", metavar="ZMQ_ENDPOINT",
                         help="publish KV-cache events here as vLLM does, e.g. tcp://127.0.0.1:5557")
     args = parser.parse_args(argv)
@@ -128,5 +145,6 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer_dir=args.tokenizer,
         max_model_len=args.max_model_len,
         kv_events_endpoint=args.kv_events_endpoint,
+        metrics_dialect=args.metrics_dialect,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

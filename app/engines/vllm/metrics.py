@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterator
 
 from app.protocol.engine import CacheConfig, EngineCounters, EngineStats
 
@@ -16,6 +17,7 @@ _GAUGES = {
     "vllm:num_requests_running": "num_requests_running",
     "vllm:num_requests_waiting": "num_requests_waiting",
     "vllm:kv_cache_usage_perc": "kv_cache_usage_perc",
+    "vllm:gpu_cache_usage_perc": "legacy_kv_cache_usage_perc",  # its name in older vLLM
 }
 _COUNTERS = {
     "vllm:prefix_cache_queries_total": "prefix_cache_queries",
@@ -35,7 +37,7 @@ class MetricsFormatError(ValueError):
     """The page lacks what every vLLM server exports (not a vLLM server, or a renamed metric)."""
 
 
-def _split(line: str) -> tuple[str, str, float] | None:
+def split_sample(line: str) -> tuple[str, str, float] | None:
     """(name, label text, value) of a sample line, or None for comments and blanks."""
     if not line or line[0] == "#":
         return None
@@ -53,17 +55,23 @@ def _split(line: str) -> tuple[str, str, float] | None:
         return None
 
 
-def parse_vllm_metrics(text: str, *, hash_seed: str = "0") -> tuple[dict[str, float], CacheConfig]:
-    """The wanted series (gauges and counters by EngineStats field, summed over engines) and the cache config."""
+def samples(text: str, prefix: str) -> Iterator[tuple[str, str, float]]:
+    """(name, label text, value) of each sample line whose metric name starts with `prefix`."""
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            parsed = split_sample(line)
+            if parsed is not None:
+                yield parsed
+
+
+def parse_vllm_metrics(
+    text: str, *, hash_seed: str = "0", declared: CacheConfig | None = None
+) -> tuple[dict[str, float], CacheConfig]:
+    """The wanted series (gauges and counters by EngineStats field, summed over engines) and the cache config
+    (from `declared` when the page has none: vLLM before it exported vllm:cache_config_info)."""
     values: dict[str, float] = {}
     cache: CacheConfig | None = None
-    for line in text.splitlines():
-        if not line.startswith("vllm:"):
-            continue
-        parsed = _split(line)
-        if parsed is None:
-            continue
-        name, labels, value = parsed
+    for name, labels, value in samples(text, "vllm:"):
         field = _GAUGES.get(name) or _COUNTERS.get(name)
         if field is not None:
             values[field] = values.get(field, 0.0) + value
@@ -76,7 +84,11 @@ def parse_vllm_metrics(text: str, *, hash_seed: str = "0") -> tuple[dict[str, fl
                 hash_seed=hash_seed,
                 enable_prefix_caching=info.get("enable_prefix_caching", "True") == "True",
             )
-    missing = [name for name, field in _GAUGES.items() if field not in values]
+    cache = cache or declared
+    legacy = values.pop("legacy_kv_cache_usage_perc", None)
+    if "kv_cache_usage_perc" not in values and legacy is not None:
+        values["kv_cache_usage_perc"] = legacy
+    missing = [name for name, field in _GAUGES.items() if field not in values and not field.startswith("legacy")]
     if cache is None or missing:
         raise MetricsFormatError(
             f"the /metrics page lacks {', '.join([*missing, *([_CACHE_INFO] if cache is None else [])])}; "
@@ -86,10 +98,11 @@ def parse_vllm_metrics(text: str, *, hash_seed: str = "0") -> tuple[dict[str, fl
 
 
 def engine_stats(
-    text: str, *, engine_id: str, model: str, hash_seed: str = "0", engines: int | None = None
+    text: str, *, engine_id: str, model: str, hash_seed: str = "0", engines: int | None = None,
+    declared: CacheConfig | None = None,
 ) -> EngineStats:
     """An EngineStats snapshot from a /metrics page. KV usage is averaged over `engines` ranks."""
-    values, cache = parse_vllm_metrics(text, hash_seed=hash_seed)
+    values, cache = parse_vllm_metrics(text, hash_seed=hash_seed, declared=declared)
     ranks = max(1, engines or text.count(_CACHE_INFO + "{"))
     return EngineStats(
         engine_id=engine_id,
