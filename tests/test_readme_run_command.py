@@ -36,7 +36,7 @@ def _local_config_on_free_port(tmp_path: Path, *, proxy_port: int | None = None)
 
 def _chat_works(url: str) -> None:
     client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-    assert [m.id for m in client.models.list()] == ["sim-llama"]
+    assert [(m.id, m.root) for m in client.models.list()] == [("sim-llama", "sim-llama"), ("default", "sim-llama")]
     reply = client.chat.completions.create(
         model="sim-llama", messages=[{"role": "user", "content": "hi"}], max_tokens=4
     )

@@ -1,11 +1,14 @@
 """Prefill/decode disaggregation through Serve, on simulated engines (1 prefill + 1 decode replica)."""
 
 import concurrent.futures
+import json
 import time
 
 import httpx
+import jsonschema
 import pytest
 import ray
+from openai import OpenAI
 from ray import serve
 
 from app.config import parse_gateway_config
@@ -133,3 +136,25 @@ def test_requests_waiting_on_a_dead_decode_replica_are_retried_on_another(gatewa
     assert len(failed) <= 1, [r.text for r in failed]
     assert all(r.status_code == 503 and r.json()["error"]["message"] for r in failed)
     serve.delete("retry")
+
+
+def test_structured_and_tool_streams_are_split_and_stay_valid(gateway):
+    """The prefill hop carries the client's response_format and tools; the decode replica streams the
+    answer, valid against its schema."""
+    client = OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
+                                               "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+              "required": ["city", "days"], "additionalProperties": False}
+    before = paths(gateway)
+    long = " ".join(f"w{i}" for i in range(300))
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "json " + long}], max_tokens=100, stream=True,
+        response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": schema}})
+    jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in stream if c.choices)), schema)
+    tool = {"type": "function", "function": {"name": "forecast", "parameters": schema}}
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "tool " + long}], max_tokens=100, stream=True,
+        tools=[tool], tool_choice={"type": "function", "function": {"name": "forecast"}})
+    deltas = [d for c in stream if c.choices for d in c.choices[0].delta.tool_calls or []]
+    jsonschema.validate(json.loads("".join(d.function.arguments or "" for d in deltas)), schema)
+    assert paths(gateway)["split"] == before["split"] + 2

@@ -234,3 +234,34 @@ def test_gateway_metrics(gateway):
     assert metric_value(text, "gateway_time_to_first_token_seconds_count") > 0
     assert metric_value(text, "gateway_e2e_request_latency_seconds_count") > 0
     assert json.loads(httpx.get(gateway + "/health").text) == {"status": "ok"}
+
+
+def test_the_request_surface_streams_through_each_way_in(gateway):
+    """n choices interleaved by index with logprobs and one usage chunk; a tool call's deltas; the
+    Responses API's typed events: the same through the listener and through Serve's proxy."""
+    client = OpenAI(base_url=gateway + "/v1", api_key="unused", max_retries=0)
+    chunks = list(client.chat.completions.create(
+        **CHAT, n=2, max_tokens=5, logprobs=True, top_logprobs=2, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    per_choice: dict[int, int] = {}
+    for chunk in chunks[:-1]:
+        for choice in chunk.choices:
+            per_choice[choice.index] = per_choice.get(choice.index, 0) + len((choice.logprobs.content or [])
+                                                                               if choice.logprobs else [])
+    assert per_choice == {0: 5, 1: 5}, "every token of both choices came with its logprobs"
+    assert chunks[-1].usage.completion_tokens == 10 and not chunks[-1].choices
+
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {
+        "type": "object", "properties": {"key": {"enum": ["a", "b"]}, "n": {"type": "integer"}},
+        "required": ["key", "n"]}}}
+    stream = client.chat.completions.create(**CHAT, tools=[tool], tool_choice="required", max_tokens=100,
+                                            stream=True)
+    deltas = [d for c in stream if c.choices for d in c.choices[0].delta.tool_calls or []]
+    assert deltas[0].function.name == "lookup"
+    assert set(json.loads("".join(d.function.arguments or "" for d in deltas))) == {"key", "n"}
+
+    events = list(client.responses.create(model="sim-llama", input="Hello", max_output_tokens=4, stream=True))
+    assert events[0].type == "response.created"
+    assert events[-1].type in ("response.completed", "response.incomplete")  # EOS, or max_output_tokens
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert events[-1].response.output_text == text and 1 <= events[-1].response.usage.output_tokens <= 4

@@ -129,7 +129,7 @@ def test_a_json_schema_request_is_split_and_its_answer_validates(serve_url):
     client = OpenAI(base_url=serve_url + "/v1", api_key="unused", max_retries=0)
     before = paths(serve_url)
     reply = client.chat.completions.create(
-        model=SPLIT, messages=[{"role": "user", "content": "As JSON: " + PROMPTS[2]}], max_tokens=300, temperature=0,
+        model=SPLIT, messages=[{"role": "user", "content": "As JSON: " + PROMPTS[2]}], max_tokens=150, temperature=0,
         response_format={"type": "json_schema", "json_schema": {"name": "weather", "schema": WEATHER}})
     assert paths(serve_url)["split"] == before["split"] + 1
     assert reply.choices[0].finish_reason == "stop"

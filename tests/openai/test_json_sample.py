@@ -20,10 +20,9 @@ SCHEMAS = [
                {"properties": {"b": {"type": "string"}}, "required": ["b"]}]},
     {"type": "integer", "multipleOf": 7, "minimum": 10, "maximum": 30},
     {"type": "object", "properties": {"node": {"$ref": "#/$defs/node"}}, "required": ["node"],
-     "$defs": {"node": {"type": "object", "properties": {"value": {"type": "integer"},
-                                                         "children": {"type": "array", "items": {"$ref": "#/$defs/node"},
-                                                                      "maxItems": 2}},
-                        "required": ["value"]}}},
+     "$defs": {"node": {"type": "object", "required": ["value"], "properties": {
+         "value": {"type": "integer"},
+         "children": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 2}}}}},
     {"type": "object", "required": ["free"], "additionalProperties": {"type": "integer"}},
     {"type": "object", "properties": {"tags": {"type": "array", "items": {"enum": ["x", "y", "z"]},
                                               "uniqueItems": True, "maxItems": 3}}},
