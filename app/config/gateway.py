@@ -99,6 +99,17 @@ class DisaggregationConfig(_Strict):
     )
 
 
+class AdapterConfig(_Strict):
+    """A LoRA adapter of a base model, served under a model name of its own."""
+
+    name: str = Field(min_length=1, description="The name clients put in `model` for this adapter.")
+    source: str | None = Field(
+        default=None,
+        description="Where the engines read the adapter: a folder with adapter_config.json and "
+        "adapter_model.safetensors on every engine node (vLLM). Simulated engines need none.",
+    )
+
+
 class ModelConfig(_Strict):
     """One served model: its names, tokenizer, engine and replicas."""
 
@@ -117,6 +128,16 @@ class ModelConfig(_Strict):
         description="The mixed engine replicas (no split). With `disaggregation`, 0 replicas is allowed.",
     )
     disaggregation: DisaggregationConfig | None = None
+    adapters: list[AdapterConfig] = Field(
+        default_factory=list,
+        description="LoRA adapters on this model's engines, each addressable by its own name; engines load them "
+        "into their slots on demand.",
+    )
+
+    @property
+    def adapter_paths(self) -> dict[str, str]:
+        """Adapter name -> the path the engines are given (and fold into their block hashes)."""
+        return {a.name: a.source or f"sim://{a.name}" for a in self.adapters}
 
     @property
     def is_external(self) -> bool:
@@ -142,6 +163,22 @@ class ModelConfig(_Strict):
         """The engine roles this model runs, each its own Serve deployment."""
         roles = ["mixed"] if self.deployment.num_replicas > 0 else []
         return roles + (["prefill", "decode"] if self.disaggregation is not None else [])
+
+    @model_validator(mode="after")
+    def _adapters_readable(self) -> ModelConfig:
+        names = [a.name for a in self.adapters]
+        duplicate = next((n for n in names if names.count(n) > 1 or n in (self.name, *self.aliases)), None)
+        if duplicate is not None:
+            raise ValueError(f"adapter name {duplicate!r} is used twice (adapters share the models' namespace)")
+        if isinstance(self.engine, VLLMEngineConfig):
+            for adapter in self.adapters:
+                if adapter.source is None:
+                    raise ValueError(f"adapter {adapter.name!r}: give its `source`, the folder vLLM loads it from")
+                folder = Path(adapter.source).expanduser()
+                if "://" not in adapter.source and not (folder / "adapter_config.json").is_file():
+                    raise ValueError(f"adapter {adapter.name!r}: no adapter_config.json in {folder} (a PEFT LoRA "
+                                     "folder with adapter_config.json and adapter_model.safetensors)")
+        return self
 
     @model_validator(mode="after")
     def _has_engines(self) -> ModelConfig:
@@ -289,7 +326,7 @@ class GatewayConfig(_Strict):
     def _names_unique(self) -> GatewayConfig:
         seen: set[str] = set()
         for model in self.models:
-            for name in (model.name, *model.aliases):
+            for name in (model.name, *model.aliases, *model.adapter_paths):
                 if name in seen:
                     raise ValueError(f"model name or alias {name!r} is used twice")
                 seen.add(name)

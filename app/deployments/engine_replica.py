@@ -58,6 +58,7 @@ class EngineServer:
             engine_id=self.replica_id,
             host_ip=ray.util.get_node_ip_address(),
             role=role,
+            adapters=config.adapter_paths,
         )
         # A real engine takes a while to load; the replica is not ready (and gets no traffic)
         # until it serves. A failed start fails the replica with the engine's own last log lines.

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import ray
@@ -111,6 +112,10 @@ class OpenAIIngress:
             )
             for model in gateway.models
         ]
+        # Each adapter is a model name of its own on its base model's engines and routing.
+        models += [replace(base, name=name, aliases=(), adapter_of=base.name, adapter_path=path)
+                   for base, config in zip(list(models), gateway.models, strict=True)
+                   for name, path in config.adapter_paths.items()]
         for served in models:
             self.router_metrics.prefix_keys.labels(
                 served.name, "approximate" if served.approximate_keys else "exact"

@@ -58,12 +58,12 @@ def create_engine(
     engine_id: str | None = None,
     role: EngineRole = "mixed",
     host_ip: str = "127.0.0.1",
+    adapters: Mapping[str, str] | None = None,
 ) -> Engine:
     kind = kind_of(config)
     if kind.engine is None:
         raise ValueError(f"engine kind {config.kind!r} is served by servers the gateway does not run")
     module, _, name = kind.engine.partition(":")
     engine_class = getattr(importlib.import_module(module), name)
-    return engine_class(
-        config, tokenizer, model=model, max_model_len=max_model_len, engine_id=engine_id, role=role, host_ip=host_ip
-    )
+    return engine_class(config, tokenizer, model=model, max_model_len=max_model_len, engine_id=engine_id, role=role,
+                        host_ip=host_ip, adapters=adapters or {})

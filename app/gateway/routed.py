@@ -132,6 +132,7 @@ class RoutedClient:
             num_prompt_tokens=request.num_prompt_tokens,
             block_size=self._block_size,
             roles=self.roles,
+            adapter=request.lora_name,
         )
         started = time.perf_counter()
         decision = self._scheduler.schedule(routing, time.monotonic())

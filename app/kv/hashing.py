@@ -62,12 +62,16 @@ def external_hash(digest: bytes) -> BlockHash:
     return BlockHash(int.from_bytes(digest, "big") & _LOW_64)
 
 
-def block_extra_keys(block_index: int, lora_name: str | None, cache_salt: str | None) -> tuple[str, ...] | None:
-    keys: list[str] = []
+def block_extra_keys(
+    block_index: int, lora_name: str | None, cache_salt: str | None, lora_path: str | None = None
+) -> tuple[tuple[str, ...], ...] | None:
+    """What vLLM (0.32) folds into a block's hash besides its tokens: the adapter on every block, as
+    ("lora", name, path), so that a name pointed at another adapter misses; the cache salt on the first."""
+    keys: list[tuple[str, ...]] = []
     if lora_name:
-        keys.append(lora_name)
+        keys.append(("lora", lora_name, lora_path or ""))
     if cache_salt and block_index == 0:
-        keys.append(cache_salt)
+        keys.append(("cache_salt", cache_salt))
     return tuple(keys) if keys else None
 
 
@@ -104,6 +108,7 @@ class BlockHasher:
         cache_salt: str | None = None,
         parent: bytes | None = None,
         first_block_index: int = 0,
+        lora_path: str | None = None,
     ) -> list[bytes]:
         """Chained digests of every full block of `token_ids`; a trailing partial block is skipped.
 
@@ -114,7 +119,7 @@ class BlockHasher:
         out: list[bytes] = []
         previous = parent
         for i, start in enumerate(range(0, len(token_ids) - block_size + 1, block_size)):
-            extra = block_extra_keys(first_block_index + i, lora_name, cache_salt)
+            extra = block_extra_keys(first_block_index + i, lora_name, cache_salt, lora_path)
             previous = self._lru(previous, tuple(token_ids[start : start + block_size]), extra)
             out.append(previous)
         return out
@@ -126,11 +131,11 @@ class BlockHasher:
         *,
         lora_name: str | None = None,
         cache_salt: str | None = None,
+        lora_path: str | None = None,
     ) -> list[BlockHash]:
         """The prompt's block keys as KV events report them."""
-        return [
-            external_hash(d) for d in self.digests(token_ids, block_size, lora_name=lora_name, cache_salt=cache_salt)
-        ]
+        return [external_hash(d) for d in self.digests(token_ids, block_size, lora_name=lora_name,
+                                                         cache_salt=cache_salt, lora_path=lora_path)]
 
 
 @lru_cache(maxsize=16)

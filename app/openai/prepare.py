@@ -75,10 +75,18 @@ class ServedModel:
     """The name the engines know the model by, when it differs from `name`."""
     ignored_fields: Mapping[str, tuple[Any, str]] = field(default_factory=dict)
     """Fields the engines would accept and ignore: refused unless they hold the value that means nothing."""
+    adapter_of: str | None = None
+    """For a LoRA adapter: the base model it runs on (its engines, its routing)."""
+    adapter_path: str | None = None
+    """For a LoRA adapter: where the engines read it, which they fold into their block hashes."""
 
     def __post_init__(self) -> None:
         if self.tokenizer is None and self.text_keys is None:
             raise ValueError(f"model {self.name!r} has no tokenizer: give the text_keys its router keys on")
+
+    @property
+    def adapter_name(self) -> str | None:
+        return self.name if self.adapter_of is not None else None
 
     @property
     def approximate_keys(self) -> bool:
@@ -154,8 +162,9 @@ class RequestPreparer:
 
     def model_list(self) -> ModelList:
         """Every name a request can use: each served model, then each alias (its `root` the model)."""
-        served = [ModelCard(id=m.name, created=m.created, max_model_len=m.max_model_len, root=m.name,
-                            aliases=list(m.aliases)) for m in self.models.values()]
+        served = [ModelCard(id=m.name, created=m.created, max_model_len=m.max_model_len,
+                            root=m.adapter_path or m.name, parent=m.adapter_of, aliases=list(m.aliases))
+                  for m in self.models.values()]
         aliases = [ModelCard(id=alias, created=m.created, max_model_len=m.max_model_len, root=m.name)
                    for m in self.models.values() for alias in m.aliases]
         return ModelList(data=served + aliases)
@@ -280,7 +289,8 @@ class RequestPreparer:
             for other in more_prompts:
                 _check_length(model, len(other), max_tokens)
             max_tokens = _check_length(model, len(prompt), max_tokens)
-            block_hashes = model.hasher.block_hashes(prompt, model.block_size)
+            block_hashes = model.hasher.block_hashes(prompt, model.block_size, lora_name=model.adapter_name,
+                                                     lora_path=model.adapter_path)
             estimate, chat_messages = None, None
         else:
             # The servers tokenize: they check the length, and the router keys on the text.
@@ -309,6 +319,8 @@ class RequestPreparer:
             ),
             priority=request.priority,
             kv_transfer_params=request.kv_transfer_params,
+            lora_name=model.adapter_name,
+            lora_path=model.adapter_path,
         )
         return PreparedRequest(
             endpoint, model, engine_request, include_usage=request.include_usage, body=validated.body,

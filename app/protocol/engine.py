@@ -63,7 +63,9 @@ class EngineRequest(BaseModel):
         "for routing; engines hash the prompt themselves, as vLLM does.",
     )
     sampling: SamplingParams
-    lora_name: str | None = None
+    lora_name: str | None = Field(default=None, description="The LoRA adapter to generate with (its served name).")
+    lora_path: str | None = Field(
+        default=None, description="Where the engines read the adapter from; vLLM folds it into block hashes.")
     cache_salt: str | None = Field(
         default=None, description="Isolates this request's prefix cache entries (vLLM's cache_salt)."
     )
@@ -200,6 +202,19 @@ class EngineCounters(PrefixCacheCounters):
     num_preemptions: int = Field(default=0, description="Preemptions of running requests.")
 
 
+class AdapterLoad(BaseModel):
+    """An engine's LoRA adapters, as vLLM's `vllm:lora_requests_info` tells them (plus, where the engine
+    says, which adapters sit in its slots)."""
+
+    max_loras: int = Field(default=0, ge=0, description="Adapter slots.")
+    running: list[str] = Field(default_factory=list, description="Adapters of running requests.")
+    waiting: list[str] = Field(default_factory=list, description="Adapters of requests waiting to run.")
+    loaded: list[str] | None = Field(
+        default=None, description="Adapters in the slots, including idle ones (the simulator says; vLLM does not).")
+    loads: int = Field(default=0, description="Adapter loads so far (the simulator's count).")
+    evictions: int = Field(default=0, description="Adapters evicted from a slot so far (the simulator's count).")
+
+
 class EngineLoad(PrefixCacheCounters):
     """What routers read of an engine: its load and prefix-cache counters, named as vLLM's metrics are."""
 
@@ -208,13 +223,14 @@ class EngineLoad(PrefixCacheCounters):
     num_requests_running: int = Field(default=0, description="Requests in the running batch.")
     num_requests_waiting: int = Field(default=0, description="Requests waiting to be scheduled.")
     kv_cache_usage_perc: float = Field(default=0.0, ge=0.0, le=1.0, description="Fraction of KV blocks in use.")
+    adapters: AdapterLoad | None = Field(default=None, description="LoRA adapters; None for an engine without.")
     timestamp: float = Field(default=0.0, description="Wall-clock time of the snapshot (seconds since the epoch).")
 
-    def signature(self) -> tuple[float, ...]:
+    def signature(self) -> tuple[object, ...]:
         """Everything but the time of the snapshot: equal signatures mean nothing changed."""
         return (self.num_requests_running, self.num_requests_waiting, self.kv_cache_usage_perc,
                 self.prefix_cache_queries, self.prefix_cache_hits, self.external_prefix_cache_queries,
-                self.external_prefix_cache_hits)
+                self.external_prefix_cache_hits, self.adapters)
 
 
 class EngineStats(EngineLoad, EngineCounters):

@@ -164,6 +164,7 @@ def builtin_profile(config: RoutingConfig) -> RoutingProfile:
             ScorerSpec(type="predicted_ttft", weight=1.0),
             ScorerSpec(type="miss_externality", weight=config.miss_externality),
             ScorerSpec(type="prefix_duplication", weight=config.affinity_weight),
+            ScorerSpec(type="adapter_affinity", weight=1.0),  # zero for requests without an adapter
         ],
         picker=PickerSpec(type="lowest_cost", parameters={"tie_quantum_s": config.tie_quantum_s}),
     )

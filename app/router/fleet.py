@@ -24,6 +24,8 @@ class RoutingRequest:
     num_prompt_tokens: int
     block_size: int
     roles: tuple[ReplicaRole, ...] = ("mixed",)
+    adapter: str | None = None
+    """The LoRA adapter the request runs with (None: the base model)."""
 
 
 @dataclass(slots=True)
@@ -66,9 +68,12 @@ class FleetView:
     """A request and the fleet's signals for it, one entry per candidate (aligned with `fleet.ids`)."""
 
     def __init__(
-        self, request: RoutingRequest, fleet: Fleet, blocks: np.ndarray, *, fresh: bool, avg_uncached_tokens: float
+        self, request: RoutingRequest, fleet: Fleet, blocks: np.ndarray, *, fresh: bool, avg_uncached_tokens: float,
+        now: float = 0.0,
     ) -> None:
         self.request = request
+        self.now = now
+        """The router's clock at this decision."""
         self.fleet = fleet
         self.blocks = blocks
         """Leading prompt blocks each candidate holds (or was just sent)."""

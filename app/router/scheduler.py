@@ -101,7 +101,8 @@ class Scheduler:
             return None
         fresh = self.state.is_fresh(now)
         blocks = self._prefix_blocks(fleet, request, now) if fresh else np.zeros(len(fleet.ids), dtype=np.int64)
-        view = FleetView(request, fleet, blocks, fresh=fresh, avg_uncached_tokens=self._avg_uncached_tokens)
+        view = FleetView(request, fleet, blocks, fresh=fresh, avg_uncached_tokens=self._avg_uncached_tokens,
+                         now=now)
         pipeline = self.pipeline
         ranking = pipeline.picker.rank(view, pipeline.run_filters(view), pipeline.cost(view))
         best = ranking.order[0]
@@ -112,6 +113,8 @@ class Scheduler:
             decision.features = TTFTFeatures(
                 prefill_tokens=float(prefill[best]), load=float(load[best]), queued=float(queued[best])
             )
+        if request.adapter is not None:
+            fleet.states[best].sent_adapters[request.adapter] = now
         decision.matched_by_replica = {fleet.ids[i]: int(blocks[i]) for i in np.flatnonzero(blocks)}
         matched = self._matched_tokens(request, decision.matched_by_replica.get(decision.replica_id, 0))
         decision.matched_tokens = matched

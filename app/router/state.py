@@ -64,6 +64,9 @@ class ReplicaState:
     """Requests this router sent that have not finished."""
     pending_prefill_tokens: int = 0
     """Uncached prompt tokens of requests this router sent that have no first token yet."""
+    sent_adapters: dict[str, float] = field(default_factory=dict)
+    """LoRA adapters this router sent requests for, and when (its own clock): the engine has them in a
+    slot before its stats say so."""
 
     @property
     def replica_id(self) -> str:

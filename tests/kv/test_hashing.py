@@ -32,17 +32,23 @@ def test_keys_equal_vllm_sha256_for_any_block_size(block_size: int) -> None:
 
 
 def test_lora_on_every_block_and_cache_salt_on_the_first_only() -> None:
+    """vLLM 0.32's extra keys (v1/core/kv_cache_utils.py): ("lora", name, path) on every block, then
+    ("cache_salt", salt) on the first."""
     tokens = list(range(100))
     hasher = BlockHasher()
-    assert hasher.block_hashes(tokens, 16, lora_name="sql") == vllm_reference(
-        tokens, 16, extra_first=("sql",), extra_rest=("sql",)
+    lora = ("lora", "sql", "/adapters/sql")
+    assert hasher.block_hashes(tokens, 16, lora_name="sql", lora_path="/adapters/sql") == vllm_reference(
+        tokens, 16, extra_first=(lora,), extra_rest=(lora,)
     )
     assert hasher.block_hashes(tokens, 16, cache_salt="tenant-a") == vllm_reference(
-        tokens, 16, extra_first=("tenant-a",), extra_rest=None
+        tokens, 16, extra_first=(("cache_salt", "tenant-a"),), extra_rest=None
     )
-    assert hasher.block_hashes(tokens, 16, lora_name="sql", cache_salt="s") == vllm_reference(
-        tokens, 16, extra_first=("sql", "s"), extra_rest=("sql",)
+    assert hasher.block_hashes(tokens, 16, lora_name="sql", lora_path="/adapters/sql", cache_salt="s") == (
+        vllm_reference(tokens, 16, extra_first=(lora, ("cache_salt", "s")), extra_rest=(lora,))
     )
+    # Another adapter under the same name misses, as in vLLM.
+    assert hasher.block_hashes(tokens, 16, lora_name="sql", lora_path="/adapters/sql-v2") != hasher.block_hashes(
+        tokens, 16, lora_name="sql", lora_path="/adapters/sql")
 
 
 def test_seed_and_algorithms() -> None:
@@ -76,3 +82,16 @@ def test_shared_prefix_shares_keys_and_divergence_changes_all_later_keys() -> No
     assert a[:3] == b[:3] and a[3] != b[3]
     c = hasher.block_hashes([999, *range(1, 64)], 16)
     assert all(x != y for x, y in zip(a, c, strict=True))
+
+
+def test_lora_and_salt_keys_equal_vllms_own_function() -> None:
+    """Against the installed vLLM's own extra-key function, where vLLM is installed."""
+    kv_cache_utils = pytest.importorskip("vllm.v1.core.kv_cache_utils")
+    lora = type("Lora", (), {"lora_name": "sql", "lora_path": "/adapters/sql"})()
+    request = type("Request", (), {"lora_request": lora, "cache_salt": "s", "mm_features": [],
+                                   "prompt_embeds": None})()
+    first, _ = kv_cache_utils.generate_block_hash_extra_keys(request, 0, 16, 0)
+    rest, _ = kv_cache_utils.generate_block_hash_extra_keys(request, 16, 32, 0)
+    tokens = list(range(32))
+    assert BlockHasher().block_hashes(tokens, 16, lora_name="sql", lora_path="/adapters/sql", cache_salt="s") == (
+        vllm_reference(tokens, 16, extra_first=first, extra_rest=rest))

@@ -68,7 +68,8 @@ def test_a_profile_alone_makes_the_policy_custom():
 @pytest.mark.parametrize(
     ("routing", "says"),
     [
-        ({"profile": {"scorers": [{"type": "nope"}]}}, "unknown scorer 'nope'; known scorers: avoid_one_replica"),
+        ({"profile": {"scorers": [{"type": "nope"}]}},
+         "unknown scorer 'nope'; known scorers: adapter_affinity, avoid_one_replica"),
         ({"profile": {"filters": [{"type": "load_guard", "parameters": {"load_ratoi": 2}}]}},
          "filter 'load_guard' parameters: load_ratoi: Extra inputs are not permitted"),
         ({"profile": {"filters": [{"type": "load_guard", "parameters": {"load_ratio": 0.5}}]}},

@@ -41,6 +41,17 @@ class SimulatedEngineConfig(BaseModel):
     )
     enable_prefix_caching: bool = True
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
+    max_loras: int = Field(
+        default=4, ge=1,
+        description="LoRA adapter slots (vLLM's --max-loras): the most adapters one batch can use. A request "
+        "whose adapter would need a slot while every slot serves running requests waits, as in vLLM.",
+    )
+    lora_load_s: float = Field(
+        default=0.05, ge=0.0,
+        description="Modelled seconds to load an adapter into a slot (a rank-16 adapter of an 8B model from "
+        "host memory onto one GPU, tens of milliseconds), added to the step that loads it. The least recently "
+        "used idle adapter is evicted when the slots are full.",
+    )
     step_time: StepTimeConfig = Field(default_factory=StepTimeConfig)
     time_scale: float = Field(
         default=1.0,

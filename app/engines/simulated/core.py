@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,14 @@ from app.engines.simulated.kv_cache import KVBlock, KVCache
 from app.engines.simulated.timing import StepWork, step_duration
 from app.kv.events import KVEvent
 from app.kv.hashing import BlockHash, external_hash, get_hasher
-from app.protocol.engine import CacheConfig, EngineCounters, EngineRequest, EngineRequestRejected, FinishReason
+from app.protocol.engine import (
+    AdapterLoad,
+    CacheConfig,
+    EngineCounters,
+    EngineRequest,
+    EngineRequestRejected,
+    FinishReason,
+)
 
 
 @dataclass(slots=True)
@@ -96,6 +103,10 @@ class SimulatedEngineCore:
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
         self._by_id: dict[str, _Sequence] = {}
+        self._adapters: OrderedDict[str, None] = OrderedDict()
+        """Adapters in the slots, least recently used first."""
+        self.adapter_loads = 0
+        self.adapter_evictions = 0
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -116,6 +127,15 @@ class SimulatedEngineCore:
     @property
     def num_waiting(self) -> int:
         return len(self._waiting)
+
+    @property
+    def adapters(self) -> AdapterLoad:
+        return AdapterLoad(
+            max_loras=self.config.max_loras,
+            running=sorted({name for seq in self._running if (name := seq.request.lora_name)}),
+            waiting=sorted({name for seq in self._waiting if (name := seq.request.lora_name)}),
+            loaded=list(self._adapters), loads=self.adapter_loads, evictions=self.adapter_evictions,
+        )
 
     @property
     def has_work(self) -> bool:
@@ -151,7 +171,8 @@ class SimulatedEngineCore:
             )
         # Like vLLM, the engine hashes the prompt itself; the router's hashes are only its guess.
         digests = self._hasher.digests(
-            prompt, self.config.block_size, lora_name=request.lora_name, cache_salt=request.cache_salt
+            prompt, self.config.block_size, lora_name=request.lora_name, cache_salt=request.cache_salt,
+            lora_path=request.lora_path,
         )
         seq = _Sequence(
             request=request,
@@ -201,8 +222,17 @@ class SimulatedEngineCore:
             else:
                 decode_seqs += 1
 
+        # As vLLM's scheduler: the adapters of running requests hold their slots; a waiting request whose
+        # adapter needs one more slot than there are is passed over (it keeps its place), others go on.
+        active = {name for seq in self._running if (name := seq.request.lora_name)}
+        passed_over: list[_Sequence] = []
+        loads = 0
         while self._waiting and budget > 0 and len(self._running) < self.config.max_num_seqs:
             seq = self._waiting[0]
+            adapter = seq.request.lora_name
+            if adapter and adapter not in active and len(active) >= self.config.max_loras:
+                passed_over.append(self._waiting.popleft())
+                continue
             admitted = self._admit(seq, budget, now)
             if admitted is None:
                 break  # head of line waits for KV space, as in vLLM
@@ -213,13 +243,31 @@ class SimulatedEngineCore:
             budget -= num_new
             prefill_tokens += num_new
             transferred += num_transferred
+            if adapter:
+                loads += self._use_adapter(adapter, active)
+                active.add(adapter)
+        self._waiting.extendleft(reversed(passed_over))
 
         work = StepWork(prefill_tokens, decode_seqs, transferred)
-        duration = step_duration(work, self.config.step_time)
+        duration = step_duration(work, self.config.step_time) + loads * self.config.lora_load_s
         outputs = [out for seq, n in scheduled if (out := self._advance(seq, n, now + duration))]
         return StepResult(duration=duration, outputs=outputs, work=work)
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _use_adapter(self, adapter: str, active: set[str]) -> int:
+        """Put an adapter in a slot if it is not in one (evicting the least recently used idle one when
+        the slots are full); returns the loads this took (0 or 1)."""
+        if adapter in self._adapters:
+            self._adapters.move_to_end(adapter)
+            return 0
+        if len(self._adapters) >= self.config.max_loras:
+            idle = next(name for name in self._adapters if name not in active)
+            del self._adapters[idle]
+            self.adapter_evictions += 1
+        self._adapters[adapter] = None
+        self.adapter_loads += 1
+        return 1
 
     def _enqueue(self, seq: _Sequence, *, front: bool = False) -> None:
         if front:
@@ -327,6 +375,7 @@ class SimulatedEngineCore:
                 seq.token_ids[start : num_full * block_size],
                 block_size,
                 lora_name=seq.request.lora_name,
+                lora_path=seq.request.lora_path,
                 cache_salt=seq.request.cache_salt,
                 parent=seq.block_digests[-1] if seq.block_digests else None,
                 first_block_index=len(seq.block_digests),

@@ -14,7 +14,7 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -67,9 +67,11 @@ class SimulatedEngine:
         engine_id: str | None = None,
         role: EngineRole = "mixed",
         host_ip: str = "127.0.0.1",
+        adapters: Mapping[str, str] | None = None,
     ) -> None:
         """`role` and `host_ip` are every kind's constructor arguments; the simulator plays any role alike
-        and listens where its replica says."""
+        and listens where its replica says. `adapters`: LoRA adapters its server serves (name -> path)."""
+        self.adapters = dict(adapters or {})
         self.config = config
         self.model = model
         self.tokenizer = tokenizer
@@ -151,6 +153,7 @@ class SimulatedEngine:
             num_requests_running=self.core.num_running,
             num_requests_waiting=self.core.num_waiting,
             kv_cache_usage_perc=self.core.cache.usage,
+            adapters=self.core.adapters,
             **self.core.counters.model_dump(),
             cache_config=self.core.cache_config,
             timestamp=time.time(),

@@ -6,12 +6,14 @@ observed as tokens are delivered. Each engine has its own registry so several ca
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from app.engines.vllm.metrics import LORA_INFO
 from app.metrics import MetricSet
 from app.protocol.engine import EngineCounters, EngineStats
 
@@ -40,6 +42,14 @@ class _StatsCollector(Collector):
             counter = CounterMetricFamily(f"vllm:{name}", doc, labels=names)
             counter.add_metric(values, getattr(stats, name))
             yield counter
+        adapters = stats.adapters
+        if adapters is not None:
+            # vLLM's shape: the adapters as labels, the time as the value (readers take the latest series).
+            lora = GaugeMetricFamily(LORA_INFO, "Running stats on LoRA requests.",
+                                     labels=["max_lora", "waiting_lora_adapters", "running_lora_adapters"])
+            lora.add_metric([str(adapters.max_loras), ",".join(adapters.waiting), ",".join(adapters.running)],
+                            stats.timestamp or time.time())
+            yield lora
         cache = stats.cache_config
         info = GaugeMetricFamily(
             "vllm:cache_config_info",

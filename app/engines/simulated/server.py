@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import uvicorn
@@ -41,10 +42,12 @@ def create_app(
     kv_events_endpoint: str | None = None,
     engine: SimulatedEngine | None = None,
     metrics_dialect: str = "vllm",
+    adapters: Mapping[str, str] | None = None,
 ) -> FastAPI:
     """The server's app. With `engine`, it serves that engine (started and stopped by its owner, an engine
     replica); without, it makes one and runs it for the app's lifetime. `metrics_dialect`: /metrics under
-    vLLM's names, SGLang's, or none at all (404), to stand in for servers of each kind."""
+    vLLM's names, SGLang's, or none at all (404), to stand in for servers of each kind. `adapters`: LoRA
+    adapters served under their own names (name -> path), as `vllm serve --lora-modules` does."""
     owned = engine is None
     tokenizer = PromptTokenizer.from_dir(tokenizer_dir) if engine is None else engine.tokenizer
     if engine is None:
@@ -57,7 +60,10 @@ def create_app(
         block_size=engine_config.block_size,
         hasher=get_hasher(engine_config.hash_algo, engine_config.hash_seed),
     )
-    http = OpenAIHTTP(OpenAIServing([served]), max_body_bytes=max_body_bytes)
+    adapters = adapters if adapters is not None else (engine.adapters if not owned else {})
+    served_adapters = [replace(served, name=name, adapter_of=model, adapter_path=path)
+                       for name, path in adapters.items()]
+    http = OpenAIHTTP(OpenAIServing([served, *served_adapters]), max_body_bytes=max_body_bytes)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -128,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--engine-config", type=Path, help="YAML or JSON with SimulatedEngineConfig fields")
     parser.add_argument("--time-scale", type=float, help="wall seconds per modelled second (0.1 = 10x faster)")
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--lora-modules", nargs="*", default=[], metavar="NAME=PATH",
+                        help="LoRA adapters served under their own names, as vllm serve's flag")
     parser.add_argument("--metrics-dialect", choices=["vllm", "sglang", "none"], default="vllm",
                         help="/metrics under vLLM's names, SGLang's, or none (404): to stand in for other servers")
     parser.add_argument("--kv-events-endpoint", metavar="ZMQ_ENDPOINT",
@@ -146,5 +154,6 @@ def main(argv: list[str] | None = None) -> None:
         max_model_len=args.max_model_len,
         kv_events_endpoint=args.kv_events_endpoint,
         metrics_dialect=args.metrics_dialect,
+        adapters=dict(item.split("=", 1) for item in args.lora_modules),
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

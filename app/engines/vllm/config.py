@@ -98,6 +98,9 @@ class VLLMEngineConfig(BaseModel):
         "another node is reached through the engine replica instead, one Ray hop more.",
     )
     kv_transfer: KVTransferConfig = Field(default_factory=KVTransferConfig)
+    max_loras: int = Field(default=4, ge=1, description="--max-loras: adapter slots, when the model has adapters.")
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = Field(
+        default=16, description="--max-lora-rank: the largest adapter rank the slots hold.")
     extra_args: list[str] = Field(default_factory=list, description="More `vllm serve` flags, passed as given.")
     env: dict[str, str] = Field(default_factory=dict, description="More environment variables for the engine.")
     startup_timeout_s: float = Field(default=900.0, gt=0, description="Give up if not healthy by then.")

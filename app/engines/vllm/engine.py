@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import httpx
 
@@ -57,8 +57,12 @@ class VLLMServerEngine:
         engine_id: str | None = None,
         role: EngineRole = "mixed",
         host_ip: str = "127.0.0.1",
+        adapters: Mapping[str, str] | None = None,
     ) -> None:
+        """`adapters`: LoRA adapters vLLM serves under their own names (name -> folder), loaded into its
+        `max_loras` slots on demand."""
         self.config = config
+        self.adapters = dict(adapters or {})
         self.model = model
         self.role = role
         self.engine_id = engine_id or f"vllm-{uuid.uuid4().hex[:8]}"
@@ -96,6 +100,7 @@ class VLLMServerEngine:
             argv = server_argv(
                 self.config, served_model_name=self.model, max_model_len=self._max_model_len, port=port,
                 role=self.role, kv_events_endpoint=self._events.endpoint if self._events else None,
+                adapters=self.adapters,
             )
             env = server_env(self.config, self.role, side_channel_host=self._host_ip,
                              side_channel_port=free_port(self._host_ip))

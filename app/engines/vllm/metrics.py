@@ -11,7 +11,7 @@ import re
 import time
 from collections.abc import Iterator
 
-from app.protocol.engine import CacheConfig, EngineCounters, EngineStats
+from app.protocol.engine import AdapterLoad, CacheConfig, EngineCounters, EngineStats
 
 _GAUGES = {
     "vllm:num_requests_running": "num_requests_running",
@@ -30,6 +30,9 @@ _COUNTERS = {
     "vllm:num_preemptions_total": "num_preemptions",
 }
 _CACHE_INFO = "vllm:cache_config_info"
+LORA_INFO = "vllm:lora_requests_info"
+"""With --enable-lora: labels max_lora and the comma-joined waiting and running adapters; the value is the
+time it was set, and every label set stays a series of its own, so the latest is the one with the largest."""
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
@@ -97,6 +100,22 @@ def parse_vllm_metrics(
     return values, cache
 
 
+def adapter_load(text: str) -> AdapterLoad | None:
+    """The adapters of vLLM's latest `vllm:lora_requests_info` series, or None without LoRA."""
+    if LORA_INFO not in text:  # a substring search, far cheaper than a second pass over the page
+        return None
+    latest: tuple[float, str] | None = None
+    for _, labels, value in samples(text, LORA_INFO + "{"):
+        if latest is None or value > latest[0]:
+            latest = (value, labels)
+    if latest is None:
+        return None
+    info = dict(_LABEL.findall(latest[1]))
+    names = lambda key: [name for name in info.get(key, "").split(",") if name]  # noqa: E731
+    return AdapterLoad(max_loras=int(float(info.get("max_lora") or 0)), running=names("running_lora_adapters"),
+                       waiting=names("waiting_lora_adapters"))
+
+
 def engine_stats(
     text: str, *, engine_id: str, model: str, hash_seed: str = "0", engines: int | None = None,
     declared: CacheConfig | None = None,
@@ -110,6 +129,7 @@ def engine_stats(
         num_requests_running=int(values["num_requests_running"]),
         num_requests_waiting=int(values["num_requests_waiting"]),
         kv_cache_usage_perc=min(1.0, max(0.0, values["kv_cache_usage_perc"] / ranks)),
+        adapters=adapter_load(text),
         **{name: int(values.get(name, 0)) for name in EngineCounters.model_fields},
         cache_config=cache,
         timestamp=time.time(),

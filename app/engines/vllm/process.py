@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,7 @@ def server_argv(
     port: int,
     role: EngineRole,
     kv_events_endpoint: str | None,
+    adapters: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Flags for vLLM's OpenAI server (after `python -m vllm.entrypoints.openai.api_server`)."""
     argv = [
@@ -133,6 +135,10 @@ def server_argv(
     transfer = kv_transfer_config(config, role)
     if transfer is not None:
         argv += ["--kv-transfer-config", json.dumps(transfer)]
+    if adapters:
+        # Registered up front, loaded into the max_loras slots when a request needs them (LRU).
+        argv += ["--enable-lora", "--max-loras", str(config.max_loras), "--max-lora-rank", str(config.max_lora_rank),
+                 "--lora-modules", *(f"{name}={path}" for name, path in adapters.items())]
     return argv + list(config.extra_args)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from app.router.plugins.adapter_affinity_scorer import AdapterAffinityScorer
 from app.router.plugins.base import Filter, Picker, Scorer
 from app.router.plugins.kv_saturation_filter import KVSaturationFilter
 from app.router.plugins.load_guard_filter import LoadGuardFilter
@@ -26,6 +27,7 @@ SCORERS: dict[str, type[Scorer]] = {
     "predicted_ttft": PredictedTTFTScorer,
     "miss_externality": MissExternalityScorer,
     "prefix_duplication": PrefixDuplicationScorer,
+    "adapter_affinity": AdapterAffinityScorer,
 }
 PICKERS: dict[str, type[Picker]] = {
     "lowest_cost": LowestCostPicker,

@@ -6,6 +6,7 @@ import random
 
 import numpy as np
 
+from app.protocol.engine import AdapterLoad
 from app.router.cost import TTFTModel
 from app.router.fleet import Fleet, FleetView, RoutingRequest
 from app.router.plugins.base import PluginContext
@@ -22,18 +23,22 @@ def make_view(
     blocks: list[int] | None = None,
     prompt_blocks: int = 8,
     fresh: bool = True,
+    adapters: list[AdapterLoad | None] | None = None,
+    adapter: str | None = None,
 ) -> FleetView:
     n = len(running)
     states = [
         ReplicaState(
             info=ReplicaInfo(replica_id=f"r{i}", model="m", block_size=BLOCK, num_gpu_blocks=1024),
             stats=ReplicaStats(num_requests_running=running[i], num_requests_waiting=(waiting or [0] * n)[i],
-                               kv_cache_usage_perc=(kv_usage or [0.0] * n)[i]),
+                               kv_cache_usage_perc=(kv_usage or [0.0] * n)[i],
+                               adapters=(adapters or [None] * n)[i]),
         )
         for i in range(n)
     ]
     fleet = Fleet.of(states, lambda rid: int(rid[1:]), version=0)
-    request = RoutingRequest("m", list(range(1, prompt_blocks + 1)), prompt_blocks * BLOCK + 3, BLOCK)
+    request = RoutingRequest("m", list(range(1, prompt_blocks + 1)), prompt_blocks * BLOCK + 3, BLOCK,
+                             adapter=adapter)
     held = np.array(blocks or [0] * n, dtype=np.int64)
     return FleetView(request, fleet, held, fresh=fresh, avg_uncached_tokens=512.0)
 

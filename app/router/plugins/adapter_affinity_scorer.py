@@ -1,0 +1,65 @@
+"""Scorer: what it costs to run the request's LoRA adapter on each replica, in seconds of TTFT.
+
+An adapter already in use on a replica (or idle in one of its slots, or sent there moments ago, before
+the engine's stats could say so) costs nothing; one that must be loaded costs `load_s`, priced like
+prefill so that it competes with load and prefix matches on one scale; loading it where the slots are
+full of idle adapters also evicts one, which its next request must load again (`evict_s`); a replica
+whose every slot serves running requests of other adapters also makes the request wait for a slot to
+free (`busy_slots_s`). The load guard and the TTFT scorer keep one hot adapter from
+piling onto one replica: once its queue outweighs a load elsewhere, the request goes elsewhere and
+the adapter is loaded there too. Requests without an adapter cost nothing anywhere.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.router.fleet import FleetView
+from app.router.plugins.base import PluginContext
+
+
+class AdapterAffinityParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    load_s: float = Field(default=0.05, ge=0.0, description="Seconds to load an adapter into a free slot.")
+    evict_s: float = Field(
+        default=0.05, ge=0.0, description="More seconds where the load evicts an idle adapter (its next load).")
+    sent_recently_s: float = Field(
+        default=2.0, ge=0.0, description="How long an adapter this router sent to a replica counts as in a slot.")
+    busy_slots_s: float = Field(
+        default=0.5, ge=0.0,
+        description="More seconds where every slot serves running requests of other adapters (the request "
+        "waits for one to finish).",
+    )
+
+
+class AdapterAffinityScorer:
+    Params = AdapterAffinityParams
+
+    def __init__(self, params: AdapterAffinityParams, context: PluginContext) -> None:
+        self.params = params
+
+    def cost(self, view: FleetView) -> np.ndarray:
+        adapter = view.request.adapter
+        costs = np.zeros(len(view.fleet.ids), dtype=np.float64)
+        if adapter is None:
+            return costs
+        p = self.params
+        for index, state in enumerate(view.fleet.states):
+            adapters = state.stats.adapters
+            if view.now - state.sent_adapters.get(adapter, float("-inf")) <= p.sent_recently_s:
+                continue
+            if adapters is None:
+                costs[index] = p.load_s  # the engine says nothing of its slots: assume a load
+            elif adapter in adapters.running or (adapters.loaded is not None and adapter in adapters.loaded):
+                continue
+            elif adapter in adapters.waiting:
+                costs[index] = p.load_s
+            elif len(set(adapters.running)) >= adapters.max_loras:
+                costs[index] = p.load_s + p.busy_slots_s
+            elif adapters.loaded is not None and len(adapters.loaded) >= adapters.max_loras:
+                costs[index] = p.load_s + p.evict_s
+            else:
+                costs[index] = p.load_s
+        return costs
