@@ -94,10 +94,15 @@ class GatewayASGI:
 
     async def _generate(self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
         body = await self._read_json(scope, receive)
-        response = await self.serving.open(endpoint, body)
+        sticky = self.serving.traffic.sticky_headers
+        wanted = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]
+                  if name.decode("latin-1") in sticky} if sticky else None
+        response = await self.serving.open(endpoint, body, wanted)
         try:
             headers = [*(_SSE if response.stream else [(b"content-type", response.media_type.encode())]),
                        (b"x-request-id", response.request_id.encode())]
+            if response.target is not None:
+                headers.append((b"x-gateway-target", response.target.encode()))
             if not response.stream:
                 await _send(send, 200, headers, response.first)
                 return

@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ from app.openai.serving_base import ServingBase
 from app.protocol.engine import EngineRequestRejected, EngineUnavailableError
 from app.router.admission import Admission, AdmissionRequest, AdmissionStage, FleetLoad, UnknownFleet
 from app.router.admission.inflight_limit import InflightLimitParams, InflightLimitStage
+from app.router.traffic import TrafficSplit, TrafficSplitter, check_splits
 
 logger = logging.getLogger("ray.serve")
 
@@ -49,6 +50,8 @@ class GatewayResponse:
     _on_close: Callable[[EngineReply, str], None]
     _failed: bool = False
     _closed: bool = False
+    target: str | None = None
+    """The traffic split's target that served a request to a split name (the x-gateway-target header)."""
 
     async def rest(self) -> AsyncIterator[bytes]:
         try:
@@ -81,15 +84,35 @@ class GatewayServing(ServingBase):
         retry_after_s: float = 1.0,
         admission_stages: Sequence[AdmissionStage] = (),
         fleet: FleetLoad | None = None,
+        traffic: Mapping[str, TrafficSplit] | None = None,
     ) -> None:
-        """Admission runs the in-flight limit first, then `admission_stages` in order."""
+        """Admission runs the in-flight limit first, then `admission_stages` in order. `traffic`: names whose
+        requests are split over targets (raises TrafficError if one cannot be served)."""
         super().__init__(models, metrics=metrics, forwards_bodies=True, on_key_fallback=self._key_fallback)
+        self.traffic = TrafficSplitter()
+        self.set_traffic(traffic or {})
         self._fallbacks_said: set[tuple[str, str]] = set()
         limit = InflightLimitStage(InflightLimitParams(max_inflight_requests=max_inflight_requests),
                                    retry_after_s=retry_after_s)
         self._admission = Admission([limit, *admission_stages])
         self._fleet = fleet or UnknownFleet()
         self._retry_after_s = retry_after_s
+
+    def set_traffic(self, splits: Mapping[str, TrafficSplit]) -> None:
+        """Put these splits in force, all at once, for the next request on; a split that cannot be served
+        raises TrafficError and the splits in force stay. Requests already routed are not touched."""
+        check_splits(splits, self.preparer.served_names())
+        old = self.traffic
+        self.traffic = TrafficSplitter(splits)
+        self.preparer.split_lengths = {
+            name: min(self.preparer.resolve(t).max_model_len for t in split.weights) for name, split in splits.items()}
+        gauge = self.metrics.traffic_weight
+        for name, split in old.splits.items():
+            for target in split.weights:
+                gauge.labels(name, target).set(0)
+        for name, split in self.traffic.splits.items():
+            for target, weight in split.weights.items():
+                gauge.labels(name, target).set(weight)
 
     def _key_fallback(self, model: str, reason: str) -> None:
         self.metrics.key_fallbacks.labels(model, reason).inc()
@@ -107,15 +130,26 @@ class GatewayServing(ServingBase):
             raise APIError(refusal.status, refusal.message, code=refusal.code, retry_after_s=refusal.retry_after_s)
         return request
 
-    async def open(self, endpoint: Endpoint, body: Any) -> GatewayResponse:
-        """Run a request up to the engine's acceptance; raises APIError before anything is sent."""
+    async def open(
+        self, endpoint: Endpoint, body: Any, headers: Mapping[str, str] | None = None
+    ) -> GatewayResponse:
+        """Run a request up to the engine's acceptance; raises APIError before anything is sent. `headers`:
+        the request's, for splits that keep callers on a target by a header."""
         started = time.monotonic()
+        split_name = target = None
+        if self.traffic.splits and isinstance(body, dict) and isinstance(body.get("model"), str):
+            user = body.get("user")
+            target = self.traffic.pick(body["model"], user=user if isinstance(user, str) else None, headers=headers)
+            if target is not None:
+                split_name, body = body["model"], {**body, "model": target}
         try:
             validated = self.preparer.validate(endpoint, body)
         except APIError as error:
             self._count_refusal(endpoint, body, error)
             raise
         name = validated.model.name
+        if split_name is not None:
+            self.metrics.traffic_requests.labels(split_name, name).inc()
         # Admission comes before the heavy work, so a flood of large prompts is refused cheaply.
         request = validated.request
         ticket = self._admit(AdmissionRequest(name, endpoint, priority=request.priority, tenant=request.user,
@@ -133,7 +167,7 @@ class GatewayServing(ServingBase):
 
         try:
             prepared = await self.preparer.prepare(validated)
-            reply = await self._open_engine(prepared)
+            reply = await self._open_engine(prepared, client_model=split_name)
         except APIError as error:
             release(str(error.status_code))
             raise
@@ -144,11 +178,15 @@ class GatewayServing(ServingBase):
             release("500")
             logger.exception("request to model %s failed", name)
             raise APIError(500, "The gateway failed to serve this request; see its logs.") from None
-        return self._response(prepared, reply, started, release)
+        response = self._response(prepared, reply, started, release)
+        response.target = name if split_name is not None else None
+        return response
 
-    async def _open_engine(self, prepared: PreparedRequest) -> EngineReply:
+    async def _open_engine(self, prepared: PreparedRequest, client_model: str | None = None) -> EngineReply:
+        """`client_model`: the name the answer carries, when not the model's own (a traffic split's)."""
         model = prepared.model
-        call = ForwardedCall(ENDPOINT_PATHS[prepared.endpoint], forward_body(prepared), client_model=model.name,
+        call = ForwardedCall(ENDPOINT_PATHS[prepared.endpoint], forward_body(prepared),
+                             client_model=client_model or model.name,
                              engine_model=model.served_name,
                              keep_usage=prepared.include_usage or prepared.endpoint == "responses")
         try:

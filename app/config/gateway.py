@@ -14,6 +14,7 @@ from app.engines.simulated.config import SimulatedEngineConfig
 from app.engines.vllm.config import VLLMEngineConfig
 from app.router.admission.config import AdmissionStageSpec
 from app.router.config import RoutingConfig
+from app.router.traffic import TrafficSplit, check_splits
 from app.tokenizer import BUILTIN_TOKENIZER_DIR
 
 
@@ -312,6 +313,21 @@ class GatewayConfig(_Strict):
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     cluster_state: ClusterStateConfig = Field(default_factory=ClusterStateConfig)
+    traffic: dict[str, TrafficSplit] = Field(
+        default_factory=dict,
+        description="Names whose requests are split over weighted targets (models or adapters), e.g. "
+        "`llama-prod: {targets: [{target: llama-v1, weight: 90}, {target: llama-v2, weight: 10}]}`. Changeable "
+        "while serving: `set_traffic` on the app's handle.",
+    )
+
+    @property
+    def served_names(self) -> list[str]:
+        return [name for model in self.models for name in (model.name, *model.aliases, *model.adapter_paths)]
+
+    @model_validator(mode="after")
+    def _splits_servable(self) -> GatewayConfig:
+        check_splits(self.traffic, self.served_names)
+        return self
 
     @model_validator(mode="after")
     def _policy_fits_engines(self) -> GatewayConfig:

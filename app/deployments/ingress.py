@@ -21,6 +21,7 @@ from dataclasses import replace
 from typing import Any
 
 import ray
+from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -45,10 +46,18 @@ from app.openai.prepare import Endpoint, ServedModel
 from app.router.admission.registry import build_stages
 from app.router.scheduler import Scheduler
 from app.router.state import ClusterState
+from app.router.traffic import TrafficSplit
 from app.tokenizer import PromptTokenizer
 from app.upstream import UpstreamPool
 
 logger = logging.getLogger("ray.serve")
+
+
+def _parse_traffic(traffic: dict[str, Any]) -> dict[str, TrafficSplit]:
+    try:
+        return {name: TrafficSplit.model_validate(split) for name, split in traffic.items()}
+    except ValidationError as error:
+        raise ValueError(f"invalid traffic splits: {error}") from None
 
 
 def _load_tokenizer(model: ModelConfig) -> PromptTokenizer | None:
@@ -84,7 +93,8 @@ class OpenAIIngress:
             speculative_ttl_s=gateway.routing.speculative_ttl_s, stale_after_s=gateway.routing.stale_after_s
         )
         self.scheduler = Scheduler(self.cluster, gateway.routing)
-        self.sync = RouterStateSync(context.app_name if context else "", self.cluster, gateway.cluster_state)
+        self.sync = RouterStateSync(context.app_name if context else "", self.cluster, gateway.cluster_state,
+                                    on_traffic=self._traffic_changed)
         self._sync_task: asyncio.Task[None] | None = None
         self._stream_from_engines = limits.stream_from_engines
         self._node_id = ray.get_runtime_context().get_node_id()
@@ -131,6 +141,7 @@ class OpenAIIngress:
             retry_after_s=limits.retry_after_s,
             admission_stages=build_stages(limits.admission, retry_after_s=limits.retry_after_s),
             fleet=self.fleet_load,
+            traffic=gateway.traffic,
         )
         self.asgi = GatewayASGI(self.serving, max_body_bytes=limits.max_body_bytes, metrics=self._metrics_page)
         self._ensure_syncing()
@@ -272,6 +283,26 @@ class OpenAIIngress:
 
     async def list_models(self) -> dict[str, Any]:
         return self.serving.list_models().model_dump()
+
+    async def set_traffic(self, traffic: dict[str, Any]) -> dict[str, dict[str, float]]:
+        """Put traffic splits in force on every ingress replica, within a sync round (well under a second),
+        without a restart: the whole set, as the config's `traffic` section writes it. A rollout step or a
+        rollback is this call with other weights. A split that cannot be served raises ValueError naming
+        the problem, and the splits in force stay. Returns the weights now in force."""
+        splits = _parse_traffic(traffic)
+        self.serving.set_traffic(splits)  # validates; this replica at once
+        await self.sync.publish_traffic({name: split.model_dump() for name, split in splits.items()})
+        return {name: split.weights for name, split in splits.items()}
+
+    async def traffic(self) -> dict[str, dict[str, float]]:
+        """The weights in force on this replica."""
+        return {name: split.weights for name, split in self.serving.traffic.splits.items()}
+
+    def _traffic_changed(self, traffic: dict[str, Any]) -> None:
+        try:
+            self.serving.set_traffic(_parse_traffic(traffic))
+        except ValueError as error:  # checked by the replica that set it; say so if this one differs
+            logger.error("traffic splits from set_traffic not applied here: %s", error)
 
     async def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
         """vLLM's /tokenize: a `prompt` or chat `messages` as the model's token ids."""

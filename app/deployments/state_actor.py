@@ -59,6 +59,9 @@ class SyncReply:
     ops: list[IndexOp] = field(default_factory=list)
     full_index: dict[str, list[int]] | None = None
     """Set instead of `ops` when the router is new, behind the log, or from an older epoch."""
+    traffic: dict[str, Any] | None = None
+    """Traffic splits set at run time (`set_traffic`), when newer than the router's `traffic_version`."""
+    traffic_version: int = 0
 
 
 Report = tuple[str, ReplicaStats | None, list[bytes]]
@@ -81,6 +84,8 @@ class ClusterStateActor:
         self._stats_version = 0
         self._stats_changed: dict[str, int] = {}
         self._news: asyncio.Future[None] | None = None
+        self._traffic: dict[str, Any] | None = None
+        self._traffic_version = 0
         """Resolved (and replaced) whenever anything a router could sync changes."""
 
     # -- engines -------------------------------------------------------------------------------
@@ -150,16 +155,23 @@ class ClusterStateActor:
                     # its cache: they belong in the snapshot a new (or lagging) router starts from.
                     self.state.index.add(replica_id, hashes)
 
+    def set_traffic(self, traffic: dict[str, Any]) -> int:
+        """Traffic splits for every router of the app (validated by the ingress that asks); their version."""
+        self._traffic, self._traffic_version = traffic, self._traffic_version + 1
+        self._notify()
+        return self._traffic_version
+
     async def sync(
         self, router_id: str, epoch: str, version: int, membership: int = -1, stats_version: int = -1,
-        wait_s: float = 0.0, speculated: list[tuple[str, list[int]]] | None = None,
+        wait_s: float = 0.0, speculated: list[tuple[str, list[int]]] | None = None, traffic_version: int = 0,
     ) -> SyncReply:
         """The router's speculative entries in, what it has not seen out. With `wait_s`, wait up to that
         long for something new first."""
         if speculated:
             self.speculate(router_id, speculated)
         self._expire_silent_replicas()
-        if wait_s > 0 and not self._news_for(router_id, epoch, version, membership, stats_version):
+        if wait_s > 0 and traffic_version >= self._traffic_version and not self._news_for(
+                router_id, epoch, version, membership, stats_version):
             news = self._news_future()
             try:
                 await asyncio.wait_for(asyncio.shield(news), wait_s)
@@ -175,6 +187,8 @@ class ClusterStateActor:
             stats={rid: self.state.replicas[rid].stats for rid, v in self._stats_changed.items()
                    if (fresh or v > stats_version) and rid in self.state.replicas},
             stats_version=self._stats_version,
+            traffic=self._traffic if traffic_version < self._traffic_version else None,
+            traffic_version=self._traffic_version,
         )
         oldest = self._log[0][0] if self._log else self._version + 1
         if epoch != self.epoch or version + 1 < oldest:

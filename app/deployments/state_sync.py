@@ -177,8 +177,14 @@ class RouterStateSync:
     starts `sync_interval_s` later.
     """
 
-    def __init__(self, app_name: str, state: ClusterState, config: ClusterStateConfig) -> None:
+    def __init__(
+        self, app_name: str, state: ClusterState, config: ClusterStateConfig,
+        on_traffic: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        """`on_traffic`: told the traffic splits set at run time, when they change."""
         self.state = state
+        self._on_traffic = on_traffic
+        self._traffic_version = 0
         self.router_id = uuid.uuid4().hex[:12]
         self._config = config
         self._link = _ActorLink(app_name, config, f"router {self.router_id}")
@@ -187,6 +193,10 @@ class RouterStateSync:
         self._membership = -1
         self._stats_version = -1
         self._speculated: list[tuple[str, list[int]]] = []
+
+    async def publish_traffic(self, traffic: dict[str, Any]) -> None:
+        """Hand traffic splits to every router of the app (this one too, on its next sync)."""
+        self._traffic_version = await self._link.actor().set_traffic.remote(traffic)
 
     def speculated(self, replica_id: str, block_hashes: list[int]) -> None:
         if block_hashes:
@@ -208,7 +218,7 @@ class RouterStateSync:
         try:
             reply: SyncReply = await self._link.actor().sync.remote(
                 self.router_id, self._epoch, self._version, self._membership, self._stats_version, wait_s,
-                speculated,
+                speculated, self._traffic_version,
             )
         except BaseException:
             self._speculated = speculated + self._speculated  # not delivered: send with the next sync
@@ -240,6 +250,9 @@ class RouterStateSync:
         self._epoch, self._version = reply.epoch, reply.version
         self._membership, self._stats_version = reply.membership, reply.stats_version
         state.synced_at = now
+        if reply.traffic is not None and self._on_traffic is not None:
+            self._on_traffic(reply.traffic)
+        self._traffic_version = reply.traffic_version
 
 
 def _runs(ops: list[IndexOp]) -> list[tuple[str, str, list[int]]]:

@@ -30,3 +30,11 @@ class ServingMetrics(MetricSet):
             "by reason: content_parts (images and other non-text parts), tool_messages (tool calls or results "
             "in the conversation).", ["model", "reason"],
         )
+        self.traffic_requests = self.counter(
+            "gateway_traffic_requests",
+            "Requests to a traffic split's name, by the target that served them.", ["name", "target"],
+        )
+        self.traffic_weight = self.gauge(
+            "gateway_traffic_weight", "Each traffic split's weights in force, by target (a rollout as it moves).",
+            ["name", "target"],
+        )

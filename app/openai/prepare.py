@@ -157,8 +157,15 @@ class RequestPreparer:
     ) -> None:
         self.models = {model.name: model for model in models}
         self._registry = ModelRegistry(ModelEntry(m.name, m.aliases) for m in models)
+        self.split_lengths: dict[str, int] = {}
+        """Traffic splits' names, listed as models too, with the shortest context of their targets (the
+        gateway's splits set them)."""
         self.forwards_bodies = forwards_bodies
         self._on_key_fallback = on_key_fallback
+
+    def served_names(self) -> list[str]:
+        """Every model name and alias a request can name."""
+        return [name for m in self.models.values() for name in (m.name, *m.aliases)]
 
     def model_list(self) -> ModelList:
         """Every name a request can use: each served model, then each alias (its `root` the model)."""
@@ -167,7 +174,9 @@ class RequestPreparer:
                   for m in self.models.values()]
         aliases = [ModelCard(id=alias, created=m.created, max_model_len=m.max_model_len, root=m.name)
                    for m in self.models.values() for alias in m.aliases]
-        return ModelList(data=served + aliases)
+        splits = [ModelCard(id=name, created=0, max_model_len=length, root=name)
+                  for name, length in self.split_lengths.items()]
+        return ModelList(data=served + aliases + splits)
 
     async def tokenize(self, body: Any) -> TokenizeResponse:
         """vLLM's `/tokenize`, answered with the model's tokenizer here (its chat template for `messages`)."""

@@ -28,8 +28,9 @@ class ServingBase:
         return self.preparer.model_list()
 
     def model_card(self, requested: str) -> ModelCard:
-        """A served model or an alias by name (`GET /v1/models/{id}`); 404 model_not_found if none."""
-        self.preparer.resolve(requested)
+        """A served model, an alias or a traffic split by name (`GET /v1/models/{id}`); 404 model_not_found if none."""
+        if requested not in self.preparer.split_lengths:
+            self.preparer.resolve(requested)
         return next(card for card in self.preparer.model_list().data if card.id == requested)
 
     def _count_refusal(self, endpoint: Endpoint, body: Any, error: APIError) -> None:

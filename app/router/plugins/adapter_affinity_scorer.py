@@ -15,8 +15,10 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.protocol.engine import AdapterLoad
 from app.router.fleet import FleetView
 from app.router.plugins.base import PluginContext
+from app.router.state import ReplicaState
 
 
 class AdapterAffinityParams(BaseModel):
@@ -26,7 +28,9 @@ class AdapterAffinityParams(BaseModel):
     evict_s: float = Field(
         default=0.05, ge=0.0, description="More seconds where the load evicts an idle adapter (its next load).")
     sent_recently_s: float = Field(
-        default=2.0, ge=0.0, description="How long an adapter this router sent to a replica counts as in a slot.")
+        default=1.0, ge=0.0,
+        description="How long an adapter this router sent to a replica counts as in a slot while the replica's "
+        "stats do not show it yet (they lag by a report and a sync).")
     busy_slots_s: float = Field(
         default=0.5, ge=0.0,
         description="More seconds where every slot serves running requests of other adapters (the request "
@@ -48,18 +52,28 @@ class AdapterAffinityScorer:
         p = self.params
         for index, state in enumerate(view.fleet.states):
             adapters = state.stats.adapters
-            if view.now - state.sent_adapters.get(adapter, float("-inf")) <= p.sent_recently_s:
+            if adapters is not None and (adapter in adapters.running or
+                                         (adapters.loaded is not None and adapter in adapters.loaded)):
+                # The stats show it: from here on they speak for it (an eviction will show there too).
+                state.sent_adapters.pop(adapter, None)
                 continue
+            sent_at = state.sent_adapters.get(adapter)
+            if sent_at is not None and view.now - sent_at <= p.sent_recently_s:
+                continue  # sent moments ago; the stats have not caught up
             if adapters is None:
                 costs[index] = p.load_s  # the engine says nothing of its slots: assume a load
-            elif adapter in adapters.running or (adapters.loaded is not None and adapter in adapters.loaded):
-                continue
             elif adapter in adapters.waiting:
                 costs[index] = p.load_s
             elif len(set(adapters.running)) >= adapters.max_loras:
                 costs[index] = p.load_s + p.busy_slots_s
-            elif adapters.loaded is not None and len(adapters.loaded) >= adapters.max_loras:
+            elif len(self._in_slots(state, adapters, view.now)) >= adapters.max_loras:
                 costs[index] = p.load_s + p.evict_s
             else:
                 costs[index] = p.load_s
         return costs
+
+    def _in_slots(self, state: ReplicaState, adapters: AdapterLoad, now: float) -> set[str]:
+        """The adapters a replica's slots hold: what its stats say, and what was sent there since."""
+        held = set(adapters.loaded if adapters.loaded is not None else adapters.running)
+        window = self.params.sent_recently_s
+        return held | {name for name, sent_at in state.sent_adapters.items() if now - sent_at <= window}

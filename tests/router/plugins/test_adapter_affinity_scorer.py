@@ -27,11 +27,18 @@ def test_active_then_resident_then_a_free_slot_then_busy_slots():
 
 def test_an_adapter_just_sent_counts_as_loaded_before_the_stats_say_so():
     view = make_view(running=[0, 0], adapters=[AdapterLoad(max_loras=2)] * 2, adapter="sql")
-    view.now = 10.0
-    view.fleet.states[1].sent_adapters["sql"] = 9.5
-    assert list(AdapterAffinityScorer(PARAMS, context()).cost(view)) == [0.05, 0.0]
-    view.now = 12.0
-    assert list(AdapterAffinityScorer(PARAMS, context()).cost(view)) == [0.05, 0.05]
+    scorer = AdapterAffinityScorer(PARAMS, context())
+    view.now = 10.25
+    view.fleet.states[1].sent_adapters["sql"] = 10.0
+    assert list(scorer.cost(view)) == [0.05, 0.0]
+    view.now = 12.0  # long enough for the stats to have shown it: they say it is not there
+    assert list(scorer.cost(view)) == [0.05, 0.05]
+    # Once the stats show it, they speak for it: an eviction they report afterwards counts at once.
+    view.now = 10.25
+    view.fleet.states[1].stats.adapters = AdapterLoad(max_loras=2, loaded=["sql"])
+    assert list(scorer.cost(view)) == [0.05, 0.0]
+    view.fleet.states[1].stats.adapters = AdapterLoad(max_loras=2, loaded=["a", "b"])
+    assert list(scorer.cost(view)) == pytest.approx([0.05, 0.15])
 
 
 def test_requests_without_an_adapter_cost_nothing_anywhere():
