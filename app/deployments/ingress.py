@@ -215,6 +215,16 @@ class OpenAIIngress:
             gauge.labels(*labels, "waiting").set(replica.stats.num_requests_waiting)
             gauge.labels(*labels, "kv_cache_usage").set(replica.stats.kv_cache_usage_perc)
             self.router_metrics.metrics_dialect.labels(*labels, replica.info.metrics_dialect).set(1)
+            adapters = replica.stats.adapters
+            if adapters is not None:
+                lora = self.router_metrics.replica_adapters
+                lora.labels(*labels, "slots").set(adapters.max_loras)
+                lora.labels(*labels, "running").set(len(adapters.running))
+                lora.labels(*labels, "waiting").set(len(adapters.waiting))
+                if adapters.loaded is not None:
+                    lora.labels(*labels, "loaded").set(len(adapters.loaded))
+                lora.labels(*labels, "loads").set(adapters.loads)
+                lora.labels(*labels, "evictions").set(adapters.evictions)
 
     def _metrics_page(self) -> bytes:
         self._publish_replica_load()

@@ -48,6 +48,12 @@ class RouterMetrics(MetricSet):
             "gateway_replica_load", "Per engine replica: in-flight (this router), running, waiting, KV usage.",
             ["model", "replica", "signal"],
         )
+        self.replica_adapters = self.gauge(
+            "gateway_replica_adapters",
+            "Per engine replica with LoRA adapters: slots, running / waiting / loaded adapters, and the loads and "
+            "evictions it has counted (the simulator counts them; vLLM does not say).",
+            ["model", "replica", "signal"],
+        )
         self.metrics_dialect = self.gauge(
             "gateway_replica_metrics_dialect",
             "1 for what each engine replica's metrics speak: vllm (everything the router reads), sglang (no block "

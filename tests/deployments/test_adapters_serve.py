@@ -3,6 +3,7 @@ scorer keeps each adapter where it is loaded, so loads stay near the minimum (on
 
 import random
 
+import httpx
 import pytest
 from openai import OpenAI
 from ray import serve
@@ -60,3 +61,10 @@ def test_requests_for_an_adapter_stay_where_it_is_loaded(gateway):
     print(f"adapter loads for 60 requests: {loads}")
     # 6 adapters over 3 replicas of 2 slots: 6 loads at the least. Round-robin would load on most requests.
     assert loads <= 9, engines
+    # The gateway shows each replica's adapters on its metrics page (as of its latest stats).
+    def shown_loads() -> float:
+        page = httpx.get(gateway + "/metrics").text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in page.splitlines()
+                   if line.startswith("gateway_replica_adapters{") and 'signal="loads"' in line)
+
+    assert wait_for(lambda: shown_loads() == loads, timeout_s=5)
