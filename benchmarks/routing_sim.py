@@ -11,6 +11,9 @@ Workloads (Poisson arrivals, seeded):
 - low_cache: the same generator with a short shared part and long unique questions (256 + 2048).
 - multi_turn: conversations of several turns; each turn's prompt is the whole conversation so far,
   including the answers the engine generated, and arrives a think time after the previous answer.
+- multi_adapter: requests for LoRA adapters with Zipf popularity, each adapter with its own system
+  prompt; engines have `--max-loras` slots and a load time (policy `prefix_only` is ours without the
+  adapter scorer).
 
     .venv/bin/python benchmarks/routing_sim.py --replicas 8 --rates 60,80,100,120 --json out.json
 """
@@ -38,6 +41,12 @@ from app.router.state import ClusterState, ReplicaInfo, ReplicaStats
 BLOCK = 16
 VOCAB = (10, 1000)
 POLICIES = ("round_robin", "power_of_two", "ray", "prefix_aware")
+# Ours without the adapter scorer: the prefix-aware profile's plugins, but adapter_affinity.
+PREFIX_ONLY = {"profile": {"name": "prefix_only",
+                           "filters": [{"type": "kv_saturation"}, {"type": "load_guard"}],
+                           "scorers": [{"type": "predicted_ttft"}, {"type": "miss_externality"},
+                                       {"type": "prefix_duplication"}],
+                           "picker": {"type": "lowest_cost"}}}
 
 
 @dataclass
@@ -48,6 +57,7 @@ class Req:
     hashes: list[int] = field(default_factory=list)
     conversation: int = -1
     turn: int = 0
+    adapter: str | None = None
 
 
 # A follow-up turn: given a finished request, its generated tokens and the finish time, the next request.
@@ -78,6 +88,23 @@ def shared_prefix(groups: int, per_group: int, system_len: int, question_len: in
         tokens = systems[g] + tokens_rng.integers(*VOCAB, size=question_len).tolist()
         out.append(Req(t, tokens, output_len, _hashes(tokens)))
     return Workload(name, out)
+
+
+def multi_adapter(adapters: int, requests: int, system_len: int, question_len: int, output_len: int,
+                  rate: float, seed: int, zipf: float = 1.0) -> Workload:
+    rng = random.Random(seed)
+    tokens_rng = np.random.default_rng(seed)
+    systems = tokens_rng.integers(*VOCAB, size=(adapters, system_len)).tolist()
+    weights = [1.0 / (k + 1) ** zipf for k in range(adapters)]
+    t, out = 0.0, []
+    for _ in range(requests):
+        t += rng.expovariate(rate)
+        a = rng.choices(range(adapters), weights)[0]
+        name = f"lora-{a}"
+        tokens = systems[a] + tokens_rng.integers(*VOCAB, size=question_len).tolist()
+        hashes = get_hasher().block_hashes(tokens, BLOCK, lora_name=name, lora_path=f"sim://{name}")
+        out.append(Req(t, tokens, output_len, hashes, adapter=name))
+    return Workload("multi_adapter", out)
 
 
 def multi_turn(conversations: int, turns: int, system_len: int, user_len: int, output_len: int,
@@ -161,8 +188,11 @@ def simulate(policy: str, workload: Workload, replicas: int, engine: SimulatedEn
     for rid in ids:
         state.register(ReplicaInfo(replica_id=rid, model="m", block_size=BLOCK, num_gpu_blocks=engine.num_blocks,
                                    max_num_seqs=engine.max_num_seqs))
-    config = RoutingConfig(**{**(routing or {}), "policy": "prefix_aware" if policy == "ray" else policy,
-                              "seed": seed})
+    if policy == "prefix_only":
+        config = RoutingConfig(**{**(routing or {}), **PREFIX_ONLY, "seed": seed})
+    else:
+        config = RoutingConfig(**{**(routing or {}), "policy": "prefix_aware" if policy == "ray" else policy,
+                                  "seed": seed})
     scheduler = Scheduler(state, config)
     ray_router = RayPrefixAffinity(ids, seed) if policy == "ray" else None
     bound = HitBound()
@@ -202,7 +232,7 @@ def simulate(policy: str, workload: Workload, replicas: int, engine: SimulatedEn
             i = data
             r = reqs[i]
             bound_hits[i] = bound.hit_tokens(r)
-            routing_request = RoutingRequest("m", r.hashes, len(r.tokens), BLOCK)
+            routing_request = RoutingRequest("m", r.hashes, len(r.tokens), BLOCK, adapter=r.adapter)
             t0 = time.perf_counter()
             if ray_router is not None:
                 replica = ray_router.choose(r, {k: cores[k].num_running + cores[k].num_waiting for k in ids}, now)
@@ -222,7 +252,8 @@ def simulate(policy: str, workload: Workload, replicas: int, engine: SimulatedEn
             answers[i] = []
             cores[replica].add_request(EngineRequest(
                 request_id=str(i), model="m", prompt_token_ids=r.tokens,
-                sampling=SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0.0)), now)
+                sampling=SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0.0),
+                lora_name=r.adapter, lora_path=f"sim://{r.adapter}" if r.adapter else None), now)
             if not busy[replica]:
                 busy[replica] = True
                 push(now, "step", replica)
@@ -259,7 +290,8 @@ def simulate(policy: str, workload: Workload, replicas: int, engine: SimulatedEn
                 state.apply_kv_events(rid, core.take_kv_events())
                 state.update_stats(rid, ReplicaStats(
                     num_requests_running=core.num_running, num_requests_waiting=core.num_waiting,
-                    kv_cache_usage_perc=core.cache.usage), now)
+                    kv_cache_usage_perc=core.cache.usage,
+                    adapters=core.adapters if workload.name == "multi_adapter" else None), now)
             state.synced_at = now
             push(now + report_interval, "report", None)
     by_arrival = sorted(range(len(reqs)), key=lambda i: reqs[i].arrival)
@@ -282,6 +314,8 @@ def simulate(policy: str, workload: Workload, replicas: int, engine: SimulatedEn
         "decision_p99_us": float(np.percentile(decision_times, 99) * 1e6),
         "reasons": reasons,
         "decisions_sha256": digest.hexdigest(),
+        "adapter_loads_per_1k": 1000 * sum(c.adapter_loads for c in cores.values()) / len(reqs),
+        "adapters_used": len({r.adapter for r in reqs if r.adapter}),
         "ttft_model": scheduler.ttft_model.coefficients if ray_router is None else None,
     }
 
@@ -292,6 +326,8 @@ def build_workload(a: argparse.Namespace, rate: float) -> Workload:
         return shared_prefix(groups, a.prompts_per_group, a.system_len, a.question_len, a.output_len, rate, a.seed)
     if a.workload == "low_cache":
         return shared_prefix(groups, a.prompts_per_group, 256, 2048, a.output_len, rate, a.seed, name="low_cache")
+    if a.workload == "multi_adapter":
+        return multi_adapter(a.adapters, a.requests, a.system_len, a.question_len, a.output_len, rate, a.seed)
     return multi_turn(a.conversations or 64 * a.replicas, a.turns, a.system_len, a.question_len, a.output_len,
                       rate, a.think_s, a.seed)
 
@@ -299,7 +335,12 @@ def build_workload(a: argparse.Namespace, rate: float) -> Workload:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--replicas", type=int, default=8)
-    p.add_argument("--workload", choices=("shared_prefix", "low_cache", "multi_turn"), default="shared_prefix")
+    p.add_argument("--workload", choices=("shared_prefix", "low_cache", "multi_turn", "multi_adapter"),
+                   default="shared_prefix")
+    p.add_argument("--adapters", type=int, default=32, help="multi_adapter: adapters, Zipf popularity")
+    p.add_argument("--requests", type=int, default=4000, help="multi_adapter: requests")
+    p.add_argument("--max-loras", type=int, default=4, help="multi_adapter: adapter slots per engine")
+    p.add_argument("--lora-load-s", type=float, default=0.05, help="multi_adapter: seconds to load an adapter")
     p.add_argument("--rates", default="60,80,100,120",
                    help="requests per second (multi_turn: new conversations per second), comma separated")
     p.add_argument("--groups", type=int, default=0, help="prefix groups (default 32 per replica)")
@@ -319,7 +360,8 @@ def main() -> None:
     p.add_argument("--routing", default="{}", help="RoutingConfig overrides for our policy, as JSON")
     p.add_argument("--json", help="append results to this JSON list")
     a = p.parse_args()
-    engine = SimulatedEngineConfig(num_blocks=a.num_blocks, max_num_seqs=a.max_num_seqs)
+    engine = SimulatedEngineConfig(num_blocks=a.num_blocks, max_num_seqs=a.max_num_seqs, max_loras=a.max_loras,
+                                   lora_load_s=a.lora_load_s)
     rows = []
     for rate in [float(x) for x in a.rates.split(",")]:
         workload = build_workload(a, rate)
@@ -334,7 +376,8 @@ def main() -> None:
                   f"p90 {row['ttft_p90']:7.3f}s p99 {row['ttft_p99']:7.3f}s  e2e p50 {row['e2e_p50']:6.2f}s  "
                   f"out {row['output_tok_s']:8.0f} tok/s  hit {row['hit_rate']:.3f} "
                   f"(bound {row['hit_upper_bound']:.3f})  spread {row['spread_max_over_mean']:.2f}  "
-                  f"decision p99 {row['decision_p99_us']:.0f}us  [{row['sim_wall_s']:.0f}s]", flush=True)
+                  f"decision p99 {row['decision_p99_us']:.0f}us  loads/1k {row['adapter_loads_per_1k']:.0f}  "
+                  f"[{row['sim_wall_s']:.0f}s]", flush=True)
             if a.json:
                 try:
                     with open(a.json) as f:
