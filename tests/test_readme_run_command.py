@@ -37,9 +37,13 @@ def _local_config_on_free_port(tmp_path: Path, *, proxy_port: int | None = None)
 def _chat_works(url: str) -> None:
     client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
     listed = [(m.id, m.parent) for m in client.models.list()]
-    assert listed == [("sim-llama", None), ("sql-lora", "sim-llama"), ("chat-lora", "sim-llama"), ("default", None)]
+    assert listed == [("sim-llama", None), ("sql-lora", "sim-llama"), ("chat-lora", "sim-llama"), ("default", None),
+                      ("sim-prod", None)]
     reply = client.chat.completions.create(model="sql-lora", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     assert reply.model == "sql-lora"
+    split = client.chat.completions.with_raw_response.create(
+        model="sim-prod", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert split.parse().model == "sim-prod" and split.headers["x-gateway-target"] in ("sim-llama", "sql-lora")
     reply = client.chat.completions.create(
         model="sim-llama", messages=[{"role": "user", "content": "hi"}], max_tokens=4
     )
