@@ -94,9 +94,9 @@ class GatewayASGI:
 
     async def _generate(self, endpoint: Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
         body = await self._read_json(scope, receive)
-        sticky = self.serving.traffic.sticky_headers
+        sticky = self.serving.traffic.sticky_header_bytes
         wanted = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]
-                  if name.decode("latin-1") in sticky} if sticky else None
+                  if name in sticky} if sticky else None
         response = await self.serving.open(endpoint, body, wanted)
         try:
             headers = [*(_SSE if response.stream else [(b"content-type", response.media_type.encode())]),

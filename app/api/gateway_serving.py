@@ -21,7 +21,7 @@ from app.gateway.errors import EngineOverloaded, NoReplicaAvailable
 from app.gateway.relay import EngineReply, ForwardedCall
 from app.openai.errors import APIError, bad_request
 from app.openai.metrics import ServingMetrics
-from app.openai.prepare import ENDPOINT_PATHS, Endpoint, PreparedRequest, ServedModel
+from app.openai.prepare import ENDPOINT_PATHS, USAGE_CHUNK_ENDPOINTS, Endpoint, PreparedRequest, ServedModel
 from app.openai.serving_base import ServingBase
 from app.protocol.engine import EngineRequestRejected, EngineUnavailableError
 from app.router.admission import Admission, AdmissionRequest, AdmissionStage, FleetLoad, UnknownFleet
@@ -188,7 +188,7 @@ class GatewayServing(ServingBase):
         call = ForwardedCall(ENDPOINT_PATHS[prepared.endpoint], forward_body(prepared),
                              client_model=client_model or model.name,
                              engine_model=model.served_name,
-                             keep_usage=prepared.include_usage or prepared.endpoint == "responses")
+                             keep_usage=prepared.include_usage or prepared.endpoint not in USAGE_CHUNK_ENDPOINTS)
         try:
             return await model.engine.open(prepared.engine_request, call)
         except EngineRequestRejected as error:
@@ -256,7 +256,7 @@ def forward_body(prepared: PreparedRequest) -> dict[str, Any]:
     # every engine reads the same way.
     body = {key: value for key, value in prepared.body.items() if value is not None}
     body["model"] = prepared.model.served_name
-    if prepared.stream and prepared.endpoint in ("chat", "completions"):
+    if prepared.stream and prepared.endpoint in USAGE_CHUNK_ENDPOINTS:
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
     return body
 

@@ -47,6 +47,9 @@ _REQUEST_TYPES: dict[str, type[ChatCompletionRequest | CompletionRequest | Embed
     "chat": ChatCompletionRequest, "completions": CompletionRequest, "embeddings": EmbeddingRequest,
     "responses": ResponsesRequest,
 }
+USAGE_CHUNK_ENDPOINTS = ("chat", "completions")
+"""Endpoints whose streams carry usage only in a last chunk asked for by stream_options (the Responses API
+puts it in its final event, embeddings do not stream)."""
 _ID_PREFIXES = {"chat": "chatcmpl", "completions": "cmpl", "embeddings": "embd", "responses": "resp"}
 # Characters per token when a text's tokens are only estimated (embeddings' load, at the gateway).
 _CHARS_PER_TOKEN_ESTIMATE = 4
@@ -358,7 +361,8 @@ class RequestPreparer:
                 _check_length(model, len(tokens), 1)
                 prompts.append(tokens)
         engine_request = EngineRequest(
-            request_id=f"embd-{uuid.uuid4().hex}", model=model.name, prompt_token_ids=prompts[0] if prompts else [],
+            request_id=f"{_ID_PREFIXES['embeddings']}-{uuid.uuid4().hex}", model=model.name,
+            prompt_token_ids=prompts[0] if prompts else [],
             prompt_tokens_estimate=estimate, sampling=SamplingParams(max_tokens=1), priority=request.priority,
         )
         return PreparedRequest("embeddings", model, engine_request, include_usage=False, body=validated.body,

@@ -97,6 +97,8 @@ class TrafficSplitter:
         self.splits = dict(splits or {})
         self._rotations = {name: _Rotation(split.weights) for name, split in self.splits.items()}
         self.sticky_headers = frozenset(s.sticky_header.lower() for s in self.splits.values() if s.sticky_header)
+        self.sticky_header_bytes = frozenset(name.encode("latin-1") for name in self.sticky_headers)
+        """The same names as ASGI spells headers, so a request's headers are matched without decoding them all."""
 
     def pick(self, name: str, *, user: str | None = None, headers: Mapping[str, str] | None = None) -> str | None:
         """The target for a request to `name`, or None when `name` is not a split."""
