@@ -113,15 +113,49 @@ def build_tiny_model(out_dir: str | Path, spec: TinyLlamaSpec | None = None) -> 
     return out
 
 
+def build_tiny_lora(out_dir: str | Path, spec: TinyLlamaSpec | None = None, *, rank: int = 8, seed: int = 1,
+                    init_std: float = 0.5) -> Path:
+    """Write a PEFT LoRA adapter for the tiny model (`spec`: the base model's): random low-rank weights on
+    the attention projections, strong enough that the base model's greedy answers change. vLLM loads it
+    with `--lora-modules name=out_dir` or `/v1/load_lora_adapter`."""
+    from safetensors.numpy import save_file
+
+    spec = spec or TinyLlamaSpec()
+    rng = np.random.default_rng(seed)
+    h, kv = spec.hidden_size, spec.num_key_value_heads * spec.head_dim
+    tensors = {}
+    for layer in range(spec.num_hidden_layers):
+        for projection, width in (("q_proj", h), ("k_proj", kv), ("v_proj", kv), ("o_proj", h)):
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{projection}."
+            tensors[prefix + "lora_A.weight"] = (rng.standard_normal((rank, h)) * init_std).astype(np.float32)
+            tensors[prefix + "lora_B.weight"] = (rng.standard_normal((width, rank)) * init_std).astype(np.float32)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = out / "adapter_model.safetensors"
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    weights.chmod(0o644)
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank, "lora_dropout": 0.0,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "bias": "none", "fan_in_fan_out": False,
+        "modules_to_save": None, "use_rslora": False, "use_dora": False, "base_model_name_or_path": "tiny-llama",
+    }
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=1))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out_dir", help="folder to write (created or overwritten)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--lora", nargs="*", default=[], metavar="NAME",
+                        help="also write LoRA adapters for it, each in OUT_DIR-lora/NAME (seeded by its position)")
     args = parser.parse_args()
     spec = TinyLlamaSpec(seed=args.seed, num_hidden_layers=args.layers, hidden_size=args.hidden_size)
     print(build_tiny_model(args.out_dir, spec))
+    for i, name in enumerate(args.lora):
+        print(build_tiny_lora(Path(f"{str(args.out_dir).rstrip('/')}-lora") / name, spec, seed=i + 1))
 
 
 if __name__ == "__main__":

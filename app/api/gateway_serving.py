@@ -101,11 +101,24 @@ class GatewayServing(ServingBase):
     def set_traffic(self, splits: Mapping[str, TrafficSplit]) -> None:
         """Put these splits in force, all at once, for the next request on; a split that cannot be served
         raises TrafficError and the splits in force stay. Requests already routed are not touched."""
-        check_splits(splits, self.preparer.served_names())
+        self.set_served(list(self.models.values()), splits)
+
+    def set_served(self, models: Sequence[ServedModel], splits: Mapping[str, TrafficSplit]) -> None:
+        """Serve these models (adapters come and go) and splits together, from the next request on. Refused
+        as a whole (ValueError, TrafficError) if a name is taken twice or a split names what is not served;
+        what was served stays. Requests already resolved finish on the model they resolved to."""
+        before = list(self.models.values())
+        self.preparer.set_models(models)
+        try:
+            check_splits(splits, self.preparer.served_names())
+            lengths = {name: min(self.preparer.resolve(t).max_model_len for t in split.weights)
+                       for name, split in splits.items()}
+        except Exception:
+            self.preparer.set_models(before)
+            raise
         old = self.traffic
         self.traffic = TrafficSplitter(splits)
-        self.preparer.split_lengths = {
-            name: min(self.preparer.resolve(t).max_model_len for t in split.weights) for name, split in splits.items()}
+        self.preparer.split_lengths = lengths
         gauge = self.metrics.traffic_weight
         for name, split in old.splits.items():
             for target in split.weights:
@@ -178,7 +191,7 @@ class GatewayServing(ServingBase):
             release("500")
             logger.exception("request to model %s failed", name)
             raise APIError(500, "The gateway failed to serve this request; see its logs.") from None
-        response = self._response(prepared, reply, started, release)
+        response = self._response(prepared, reply, started, release, split_name)
         response.target = name if split_name is not None else None
         return response
 
@@ -204,11 +217,16 @@ class GatewayServing(ServingBase):
             raise APIError(503, str(error), retry_after_s=self._retry_after_s) from None
 
     def _response(
-        self, prepared: PreparedRequest, reply: EngineReply, started: float, release: Callable[[str], None]
+        self, prepared: PreparedRequest, reply: EngineReply, started: float, release: Callable[[str], None],
+        split_name: str | None = None,
     ) -> GatewayResponse:
+        """`split_name`: the traffic split the request named, whose metrics count it by target too."""
         metrics, name = self.metrics, prepared.model.name
         if reply.stream:
-            metrics.ttft.labels(name).observe(time.monotonic() - started)
+            ttft = time.monotonic() - started
+            metrics.ttft.labels(name).observe(ttft)
+            if split_name is not None:
+                metrics.traffic_ttft.labels(split_name, name).observe(ttft)
 
         def closed(reply: EngineReply, outcome: str) -> None:
             if outcome == "200":
@@ -219,7 +237,11 @@ class GatewayServing(ServingBase):
                 metrics.prompt_tokens.labels(name).inc(prompt_tokens)
                 details = usage.get("prompt_tokens_details") or {}
                 metrics.cached_prompt_tokens.labels(name).inc(int(details.get("cached_tokens") or 0))
-            metrics.generation_tokens.labels(name).inc(int(usage.get("completion_tokens") or 0))
+            generated = int(usage.get("completion_tokens") or 0)
+            metrics.generation_tokens.labels(name).inc(generated)
+            if split_name is not None:
+                metrics.traffic_tokens.labels(split_name, name, "prompt").inc(prompt_tokens)
+                metrics.traffic_tokens.labels(split_name, name, "generation").inc(generated)
             release(outcome)
 
         return GatewayResponse(request_id=prepared.request_id, media_type=reply.media_type, first=reply.first,

@@ -141,6 +141,14 @@ class ModelConfig(_Strict):
         return {a.name: a.source or f"sim://{a.name}" for a in self.adapters}
 
     @property
+    def adapters_changeable(self) -> bool:
+        """Whether adapters can be added and removed while serving: engines the gateway runs, with LoRA on
+        (the simulator always; vLLM when it starts with adapters or `enable_lora`)."""
+        if self.is_external:
+            return False
+        return bool(self.adapters) or getattr(self.engine, "enable_lora", True)
+
+    @property
     def is_external(self) -> bool:
         """Served by OpenAI-compatible servers the gateway does not run (no engine replicas)."""
         return not kind_of(self.engine).runs_engines

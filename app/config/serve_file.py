@@ -10,6 +10,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from app.config.gateway import ConfigError, GatewayConfig, _Strict, describe
+from app.config.live import LiveConfig, applied, live_state_of, merged
 
 
 class HTTPOptionsConfig(_Strict):
@@ -56,6 +57,22 @@ class ApplicationConfig(_Strict):
     runtime_env: dict[str, Any] = Field(default_factory=dict)
     args: GatewayConfig
     deployments: list[DeploymentOverride] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _live_settings_servable(self) -> ApplicationConfig:
+        # The ingress's user_config holds what changes in place (app/config/live.py): check it as it will
+        # be applied, so `serve deploy` of a bad one is caught here rather than logged by every replica.
+        for override in self.deployments:
+            if override.name == "ingress" and override.user_config is not None:
+                try:
+                    change = LiveConfig.model_validate(override.user_config)
+                except ValidationError as error:
+                    raise ValueError(f"deployments.ingress.user_config:\n{describe(error)}") from None
+                try:
+                    applied(self.args, merged(live_state_of(self.args), change))
+                except ConfigError as error:
+                    raise ValueError(f"deployments.ingress.user_config:\n{error}") from None
+        return self
 
 
 class ServeConfigFile(_Strict):

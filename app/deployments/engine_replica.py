@@ -20,10 +20,11 @@ import ray
 from ray import serve
 
 from app.config import ClusterStateConfig, ModelConfig
-from app.deployments.state_sync import EngineReporter
+from app.deployments.state_sync import AdapterSync, EngineReporter
+from app.engines.adapter_catalog import AdapterCatalog, ServerAdapterAdmin
 from app.engines.kinds import create_engine
 from app.gateway.relay import ForwardedCall
-from app.protocol.engine import EngineRequest, EngineStats, EngineUnavailableError
+from app.protocol.engine import AdapterLoad, EngineRequest, EngineStats, EngineUnavailableError
 from app.router.state import ReplicaInfo, ReplicaRole, ReplicaStats
 from app.tokenizer import PromptTokenizer
 from app.upstream import UpstreamError, UpstreamPool
@@ -50,6 +51,7 @@ class EngineServer:
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id if context else "local"
         self._reporter_task: asyncio.Task[None] | None = None
+        self._adapter_task: asyncio.Task[None] | None = None
         self.engine = create_engine(
             engine_config,
             PromptTokenizer.from_dir(config.tokenizer_dir),
@@ -94,14 +96,39 @@ class EngineServer:
             self._routing_stats,
             ClusterStateConfig.model_validate(cluster_state or {}),
         )
+        # Adapters come and go while serving (app/config/live.py); the live settings reach engines through
+        # the state actor, like the routers' state.
+        self.catalog: AdapterCatalog | None = None
+        if config.adapters_changeable and self.endpoint_url is not None:
+            self.catalog = AdapterCatalog(ServerAdapterAdmin(self._pool, self.endpoint_url), config.adapter_paths)
+        self._max_loras = getattr(engine_config, "max_loras", 0)
+        self._adapters = AdapterSync(context.app_name if context else "", config.name,
+                                     ClusterStateConfig.model_validate(cluster_state or {}))
         self._ensure_reporting()
 
     def _ensure_reporting(self) -> None:
+        loop = asyncio.get_running_loop()
         if self._reporter_task is None or self._reporter_task.done():
-            self._reporter_task = asyncio.get_running_loop().create_task(self.reporter.run())
+            self._reporter_task = loop.create_task(self.reporter.run())
+        if self.catalog is not None and (self._adapter_task is None or self._adapter_task.done()):
+            self._adapter_task = loop.create_task(self._adapters.run(self.catalog, self._busy_adapters))
+
+    def _busy_adapters(self) -> set[str]:
+        adapters = self.engine.stats().adapters
+        return set() if adapters is None else {*adapters.running, *adapters.waiting}
 
     def _routing_stats(self) -> ReplicaStats:
-        return self.engine.stats().load()
+        load = self.engine.stats().load()
+        if self.catalog is not None:
+            adapters = load.adapters or AdapterLoad(max_loras=self._max_loras)
+            load.adapters = adapters.model_copy(update={"served": sorted(self.catalog.serving)})
+        return load
+
+    async def adapters(self) -> dict[str, Any]:
+        """The adapters this replica serves and those the live settings want (for operators and tests)."""
+        if self.catalog is None:
+            return {"serving": {}, "wanted": {}}
+        return {"serving": dict(self.catalog.serving), "wanted": dict(self.catalog.wanted)}
 
     async def relay(self, request: EngineRequest, call: ForwardedCall) -> AsyncIterator[Any]:
         """A forwarded call answered by this replica's server, for an ingress that cannot reach the server
@@ -139,6 +166,8 @@ class EngineServer:
             raise RuntimeError(f"the engine {self.engine.engine_id} has stopped; Serve will replace this replica")
 
     async def __del__(self) -> None:
+        if self._adapter_task is not None:
+            self._adapter_task.cancel()
         if self._reporter_task is not None:
             self._reporter_task.cancel()
             await self.reporter.unregister()

@@ -27,7 +27,9 @@ from ray.serve.handle import DeploymentHandle
 
 from app.api.asgi import GatewayASGI
 from app.api.gateway_serving import GatewayServing
-from app.config import GatewayConfig, ModelConfig
+from app.config import ConfigError, GatewayConfig, ModelConfig
+from app.config.gateway import AdapterConfig
+from app.config.live import LiveConfig, LiveState, applied, digest, live_state_of, merged
 from app.deployments.serve_transport import ServeTransport
 from app.deployments.state_sync import RouterStateSync
 from app.engines.external.config import ExternalEngineConfig
@@ -94,7 +96,9 @@ class OpenAIIngress:
         )
         self.scheduler = Scheduler(self.cluster, gateway.routing)
         self.sync = RouterStateSync(context.app_name if context else "", self.cluster, gateway.cluster_state,
-                                    on_traffic=self._traffic_changed)
+                                    on_live=self._live_changed)
+        self.start_config = gateway
+        self.live = live_state_of(gateway)
         self._sync_task: asyncio.Task[None] | None = None
         self._stream_from_engines = limits.stream_from_engines
         self._node_id = ray.get_runtime_context().get_node_id()
@@ -105,7 +109,7 @@ class OpenAIIngress:
             ranks_requests=gateway.routing.ranks_at_gateway,
         )
         tokenizers = {model.name: _load_tokenizer(model) for model in gateway.models}
-        models = [
+        self._bases = {model.name: served for model, served in zip(gateway.models, [
             ServedModel(
                 name=model.name,
                 tokenizer=tokenizers[model.name],
@@ -121,15 +125,8 @@ class OpenAIIngress:
                 ignored_fields=kind_of(model.engine).ignored_fields,
             )
             for model in gateway.models
-        ]
-        # Each adapter is a model name of its own on its base model's engines and routing.
-        models += [replace(base, name=name, aliases=(), adapter_of=base.name, adapter_path=path)
-                   for base, config in zip(list(models), gateway.models, strict=True)
-                   for name, path in config.adapter_paths.items()]
-        for served in models:
-            self.router_metrics.prefix_keys.labels(
-                served.name, "approximate" if served.approximate_keys else "exact"
-            ).set(1)
+        ], strict=True)}
+        models = self._served_models(gateway)
         self.fleet_load = ClusterFleetLoad(self.cluster)
         for served in models:
             if isinstance(served.engine, RoutedClient | SplitClient):  # the unranked baselines queue in Serve
@@ -154,6 +151,17 @@ class OpenAIIngress:
                                          keep_alive_s=listen.keep_alive_s, name="gateway listener")
             await self.listener.start()
             logger.info("gateway listening on http://%s:%d", listen.host, listen.port)
+
+    def _served_models(self, config: GatewayConfig) -> list[ServedModel]:
+        """The base models, then each adapter: a model name of its own on its base's engines and routing."""
+        models = list(self._bases.values()) + [
+            replace(self._bases[model.name], name=name, aliases=(), adapter_of=model.name, adapter_path=path)
+            for model in config.models for name, path in model.adapter_paths.items()]
+        for served in models:
+            self.router_metrics.prefix_keys.labels(
+                served.name, "approximate" if served.approximate_keys else "exact"
+            ).set(1)
+        return models
 
     def __serve_build_asgi_app__(self) -> GatewayASGI:
         """What Serve's HTTP proxy sends requests to: the same app as the gateway's own listener."""
@@ -294,25 +302,104 @@ class OpenAIIngress:
     async def list_models(self) -> dict[str, Any]:
         return self.serving.list_models().model_dump()
 
+    # -- live settings: traffic splits and adapters, changed without a restart ----------------
+
+    async def reconfigure(self, user_config: dict[str, Any] | None) -> None:
+        """Serve's in-place update (the ingress deployment's `user_config`, app/config/live.py), at start
+        and on every `serve deploy` that changes it. A setting that cannot be served is logged and counted
+        (gateway_live_config_errors_total), and what is in force keeps serving: raising here would make
+        Serve replace this replica, and every new one would fail the same way."""
+        try:
+            state = merged(live_state_of(self.start_config), LiveConfig.model_validate(user_config or {}))
+            applied(self.start_config, state)  # checked before it reaches the other replicas
+        except (ValidationError, ConfigError) as error:
+            self._live_error("the ingress user_config", error)
+            return
+        try:
+            in_force = await self.sync.offer_user_config(digest(user_config), state.model_dump(mode="json"))
+        except Exception as error:  # no actor yet: this replica alone, now; the others do the same
+            logger.warning("live settings not shared through the cluster state actor (%s); applying here", error)
+            in_force = None
+        self._live_changed(in_force or state.model_dump(mode="json"))
+
     async def set_traffic(self, traffic: dict[str, Any]) -> dict[str, dict[str, float]]:
         """Put traffic splits in force on every ingress replica, within a sync round (well under a second),
         without a restart: the whole set, as the config's `traffic` section writes it. A rollout step or a
         rollback is this call with other weights. A split that cannot be served raises ValueError naming
         the problem, and the splits in force stay. Returns the weights now in force."""
-        splits = _parse_traffic(traffic)
-        self.serving.set_traffic(splits)  # validates; this replica at once
-        await self.sync.publish_traffic({name: split.model_dump() for name, split in splits.items()})
-        return {name: split.weights for name, split in splits.items()}
+        await self._change_live(LiveConfig(traffic=_parse_traffic(traffic)))
+        return await self.traffic()
+
+    async def set_adapters(self, model: str, adapters: list[dict[str, Any]], wait_s: float = 60.0) -> dict[str, Any]:
+        """Make `adapters` ([{name, source}], the whole list) the LoRA adapters of `model`, without a restart:
+        new ones are loaded onto its engines, removed ones are refused from now on and unloaded from each
+        engine once its requests for them finish. Checked first (folders, names, splits that target them);
+        a bad list raises ValueError and nothing changes. Waits up to `wait_s` for every engine replica to
+        serve the new ones; returns {name: replicas serving it}."""
+        try:
+            change = LiveConfig(adapters={model: [AdapterConfig.model_validate(a) for a in adapters]})
+        except ValidationError as error:
+            raise ValueError(f"invalid adapters: {error}") from None
+        await self._change_live(change)
+        return await self._adapters_loaded(model, wait_s)
+
+    async def add_adapter(self, model: str, name: str, source: str | None = None,
+                          wait_s: float = 60.0) -> dict[str, Any]:
+        """Add one LoRA adapter to `model` (see set_adapters)."""
+        listed = [{"name": n, "source": None if p == f"sim://{n}" else p}
+                  for n, p in self.live.adapters.get(model, {}).items() if n != name]
+        return await self.set_adapters(model, [*listed, {"name": name, "source": source}], wait_s)
+
+    async def remove_adapter(self, name: str) -> dict[str, Any]:
+        """Remove one LoRA adapter, whichever model it is of (see set_adapters)."""
+        model = next((m for m, listed in self.live.adapters.items() if name in listed), None)
+        if model is None:
+            raise ValueError(f"no adapter named {name!r}")
+        listed = [{"name": n, "source": None if p == f"sim://{n}" else p}
+                  for n, p in self.live.adapters[model].items() if n != name]
+        return await self.set_adapters(model, listed, wait_s=0)
 
     async def traffic(self) -> dict[str, dict[str, float]]:
         """The weights in force on this replica."""
         return {name: split.weights for name, split in self.serving.traffic.splits.items()}
 
-    def _traffic_changed(self, traffic: dict[str, Any]) -> None:
+    async def live_settings(self) -> dict[str, Any]:
+        """The traffic splits and adapters in force on this replica."""
+        return self.live.model_dump(mode="json")
+
+    async def _change_live(self, change: LiveConfig) -> None:
+        state = merged(self.live, change)
         try:
-            self.serving.set_traffic(_parse_traffic(traffic))
-        except ValueError as error:  # checked by the replica that set it; say so if this one differs
-            logger.error("traffic splits from set_traffic not applied here: %s", error)
+            self._apply_live(state)  # checks it; this replica at once
+        except (ConfigError, ValueError) as error:
+            raise ValueError(str(error)) from None
+        await self.sync.publish_live(state.model_dump(mode="json"))
+
+    async def _adapters_loaded(self, model: str, wait_s: float) -> dict[str, Any]:
+        wanted = set(self.live.adapters.get(model, {}))
+        deadline = time.monotonic() + wait_s
+        while True:
+            replicas = [r for r in self.cluster.replicas.values() if r.info.model == model]
+            serving = {name: sum(1 for r in replicas if r.stats.adapters is not None and name in
+                                 (r.stats.adapters.served or ())) for name in sorted(wanted)}
+            if all(count == len(replicas) for count in serving.values()) or time.monotonic() >= deadline:
+                return {"replicas": len(replicas), "serving": serving}
+            await asyncio.sleep(0.1)
+
+    def _apply_live(self, state: LiveState) -> None:
+        config = applied(self.start_config, state)
+        self.serving.set_served(self._served_models(config), config.traffic)
+        self.live = state
+
+    def _live_changed(self, live: dict[str, Any]) -> None:
+        try:
+            self._apply_live(LiveState.model_validate(live))
+        except (ValidationError, ConfigError, ValueError) as error:  # checked by the replica that set it
+            self._live_error("live settings from another replica", error)
+
+    def _live_error(self, source: str, error: Exception) -> None:
+        self.metrics.live_config_errors.inc()
+        logger.error("%s not applied; what was in force keeps serving:\n%s", source, error)
 
     async def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
         """vLLM's /tokenize: a `prompt` or chat `messages` as the model's token ids."""

@@ -59,9 +59,10 @@ class SyncReply:
     ops: list[IndexOp] = field(default_factory=list)
     full_index: dict[str, list[int]] | None = None
     """Set instead of `ops` when the router is new, behind the log, or from an older epoch."""
-    traffic: dict[str, Any] | None = None
-    """Traffic splits set at run time (`set_traffic`), when newer than the router's `traffic_version`."""
-    traffic_version: int = 0
+    live: dict[str, Any] | None = None
+    """The live settings (app/config/live.py LiveState) set while serving, when newer than the router's
+    `live_version`."""
+    live_version: int = 0
 
 
 Report = tuple[str, ReplicaStats | None, list[bytes]]
@@ -83,9 +84,11 @@ class ClusterStateActor:
         self._decode_errors = 0
         self._stats_version = 0
         self._stats_changed: dict[str, int] = {}
+        self._live: dict[str, Any] | None = None
+        self._live_version = 0
+        self._live_user_config = ""
+        """The digest of the last ingress `user_config` put in force (see `offer_user_config`)."""
         self._news: asyncio.Future[None] | None = None
-        self._traffic: dict[str, Any] | None = None
-        self._traffic_version = 0
         """Resolved (and replaced) whenever anything a router could sync changes."""
 
     # -- engines -------------------------------------------------------------------------------
@@ -155,22 +158,39 @@ class ClusterStateActor:
                     # its cache: they belong in the snapshot a new (or lagging) router starts from.
                     self.state.index.add(replica_id, hashes)
 
-    def set_traffic(self, traffic: dict[str, Any]) -> int:
-        """Traffic splits for every router of the app (validated by the ingress that asks); their version."""
-        self._traffic, self._traffic_version = traffic, self._traffic_version + 1
+    def set_live(self, live: dict[str, Any]) -> int:
+        """Live settings for every replica of the app (checked by the ingress that asks); their version."""
+        self._live, self._live_version = live, self._live_version + 1
         self._notify()
-        return self._traffic_version
+        return self._live_version
+
+    def offer_user_config(self, user_config_digest: str, live: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+        """An ingress replica's `reconfigure`: its user_config is put in force only if it is not the one
+        already put in force, so a replica that starts later with the same user_config does not undo the
+        handle calls made since. Returns the version and settings in force (None: never set)."""
+        if user_config_digest != self._live_user_config:
+            self._live_user_config = user_config_digest
+            self.set_live(live)
+        return self._live_version, self._live
+
+    def adapters_of(self, model: str, version: int) -> tuple[int, dict[str, str] | None]:
+        """For an engine replica: the model's adapters (name -> path) when the live settings are not the
+        `version` it has and name them; else None (keep what it serves)."""
+        # Unequal, not older: a restarted actor counts from 0 again.
+        if self._live is None or version == self._live_version:
+            return self._live_version, None
+        return self._live_version, self._live.get("adapters", {}).get(model)
 
     async def sync(
         self, router_id: str, epoch: str, version: int, membership: int = -1, stats_version: int = -1,
-        wait_s: float = 0.0, speculated: list[tuple[str, list[int]]] | None = None, traffic_version: int = 0,
+        wait_s: float = 0.0, speculated: list[tuple[str, list[int]]] | None = None, live_version: int = 0,
     ) -> SyncReply:
         """The router's speculative entries in, what it has not seen out. With `wait_s`, wait up to that
         long for something new first."""
         if speculated:
             self.speculate(router_id, speculated)
         self._expire_silent_replicas()
-        if wait_s > 0 and traffic_version >= self._traffic_version and not self._news_for(
+        if wait_s > 0 and live_version == self._live_version and not self._news_for(
                 router_id, epoch, version, membership, stats_version):
             news = self._news_future()
             try:
@@ -187,8 +207,8 @@ class ClusterStateActor:
             stats={rid: self.state.replicas[rid].stats for rid, v in self._stats_changed.items()
                    if (fresh or v > stats_version) and rid in self.state.replicas},
             stats_version=self._stats_version,
-            traffic=self._traffic if traffic_version < self._traffic_version else None,
-            traffic_version=self._traffic_version,
+            live=self._live if live_version != self._live_version else None,
+            live_version=self._live_version,
         )
         oldest = self._log[0][0] if self._log else self._version + 1
         if epoch != self.epoch or version + 1 < oldest:

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from app.config import ClusterStateConfig
 from app.deployments.state_actor import IndexOp, Report, SyncReply, get_or_create_state_actor
+from app.engines.adapter_catalog import AdapterCatalog
 from app.router.state import ClusterState, ReplicaInfo, ReplicaStats
 
 logger = logging.getLogger(__name__)
@@ -142,6 +143,33 @@ class EngineReporter:
             pass
 
 
+class AdapterSync:
+    """Brings an engine replica's adapters to what the live settings list for its model: asks the actor
+    every `poll_s` (a change takes effect within that), and reconciles until the engine matches."""
+
+    def __init__(self, app_name: str, model: str, config: ClusterStateConfig, poll_s: float = 0.25) -> None:
+        self._model = model
+        self._poll_s = poll_s
+        self._version = 0
+        self._link = _ActorLink(app_name, config, f"adapters of {model}")
+
+    async def run(self, catalog: AdapterCatalog, busy: Callable[[], set[str]]) -> None:
+        while True:
+            try:
+                version, adapters = await self._link.actor().adapters_of.remote(self._model, self._version)
+                self._link.succeeded()
+                if adapters is not None:
+                    catalog.want(adapters, time.monotonic())
+                self._version = version
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # the actor is restarting or gone: keep serving what is loaded
+                self._link.failed(error)
+            if not catalog.settled:
+                await catalog.reconcile(busy(), time.monotonic())
+            await asyncio.sleep(self._poll_s)
+
+
 class BatchReporter:
     """Reports for many replicas in one actor call per round (a watcher's external servers)."""
 
@@ -179,12 +207,12 @@ class RouterStateSync:
 
     def __init__(
         self, app_name: str, state: ClusterState, config: ClusterStateConfig,
-        on_traffic: Callable[[dict[str, Any]], None] | None = None,
+        on_live: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
-        """`on_traffic`: told the traffic splits set at run time, when they change."""
+        """`on_live`: told the live settings (app/config/live.py LiveState) set while serving, when they change."""
         self.state = state
-        self._on_traffic = on_traffic
-        self._traffic_version = 0
+        self._on_live = on_live
+        self._live_version = 0
         self.router_id = uuid.uuid4().hex[:12]
         self._config = config
         self._link = _ActorLink(app_name, config, f"router {self.router_id}")
@@ -194,9 +222,16 @@ class RouterStateSync:
         self._stats_version = -1
         self._speculated: list[tuple[str, list[int]]] = []
 
-    async def publish_traffic(self, traffic: dict[str, Any]) -> None:
-        """Hand traffic splits to every router of the app (this one too, on its next sync)."""
-        self._traffic_version = await self._link.actor().set_traffic.remote(traffic)
+    async def publish_live(self, live: dict[str, Any]) -> None:
+        """Hand live settings, already in force here, to every replica of the app."""
+        self._live_version = await self._link.actor().set_live.remote(live)
+
+    async def offer_user_config(self, user_config_digest: str, live: dict[str, Any]) -> dict[str, Any] | None:
+        """Put a `user_config`'s settings in force everywhere unless that user_config was put in force before
+        (then the settings since, which may be newer). Returns the settings in force (None: never set)."""
+        version, in_force = await self._link.actor().offer_user_config.remote(user_config_digest, live)
+        self._live_version = version
+        return in_force
 
     def speculated(self, replica_id: str, block_hashes: list[int]) -> None:
         if block_hashes:
@@ -218,7 +253,7 @@ class RouterStateSync:
         try:
             reply: SyncReply = await self._link.actor().sync.remote(
                 self.router_id, self._epoch, self._version, self._membership, self._stats_version, wait_s,
-                speculated, self._traffic_version,
+                speculated, self._live_version,
             )
         except BaseException:
             self._speculated = speculated + self._speculated  # not delivered: send with the next sync
@@ -250,9 +285,9 @@ class RouterStateSync:
         self._epoch, self._version = reply.epoch, reply.version
         self._membership, self._stats_version = reply.membership, reply.stats_version
         state.synced_at = now
-        if reply.traffic is not None and self._on_traffic is not None:
-            self._on_traffic(reply.traffic)
-        self._traffic_version = reply.traffic_version
+        if reply.live is not None and self._on_live is not None:
+            self._on_live(reply.live)
+        self._live_version = reply.live_version
 
 
 def _runs(ops: list[IndexOp]) -> list[tuple[str, str, list[int]]]:

@@ -98,6 +98,7 @@ class RoutedClient:
         max_ongoing: Mapping[str, int | None] | None = None,
         max_queued: int | None = None,
         queue_recheck_s: float = 0.25,
+        adapter_wait_s: float = 30.0,
     ) -> None:
         """`max_ongoing`: by role, the most of this router's requests one replica carries (None: no limit).
         `max_queued`: requests that may wait for a slot when every replica is full (None: no limit)."""
@@ -105,6 +106,7 @@ class RoutedClient:
         self._max_ongoing = dict(max_ongoing or {})
         self._max_queued = max_queued
         self._queue_recheck_s = queue_recheck_s
+        self._adapter_wait_s = adapter_wait_s
         self._waiting: deque[asyncio.Future[None]] = deque()
         self._model = model
         self._block_size = block_size
@@ -118,6 +120,19 @@ class RoutedClient:
         self._speculate = speculate
         self._on_request = on_request
         self._failed_until: dict[str, float] = {}
+
+    async def _wait_for_adapter(self, routing: RoutingRequest, decision: Decision) -> Decision:
+        """No engine serves the request's adapter yet (just added: the engines are loading it). Wait for
+        one, re-ranking, up to `adapter_wait_s`; then 503."""
+        deadline = time.monotonic() + self._adapter_wait_s
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            decision = self._scheduler.schedule(routing, time.monotonic()) or decision
+            if decision.ranked:
+                return decision
+        raise NoReplicaAvailable(f"No engine of model {self._model!r} serves adapter {routing.adapter!r} yet (it "
+                                 f"was added {self._adapter_wait_s:.0f}s ago or more and has not loaded; see "
+                                 "the engine replicas' logs). Retry after the indicated delay.")
 
     def role_of(self, replica_id: str) -> ReplicaRole | None:
         replica = self._scheduler.state.replicas.get(replica_id)
@@ -168,6 +183,8 @@ class RoutedClient:
                                          "gateway keeps checking them. Retry after the indicated delay.")
             self._count(self._fallback.path)
             return await self._fallback.open(request, call, None, [])
+        if not decision.ranked:
+            decision = await self._wait_for_adapter(routing, decision)
         order = self._order(decision.ranked)
         if self._max_ongoing:
             while not (order := [rid for rid in order if not self._full(rid)]):

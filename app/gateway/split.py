@@ -89,6 +89,7 @@ class SplitClient:
         params: dict[str, Any] | None = None
         if (
             decision is not None
+            and decision.ranked  # empty while no engine serves the request's adapter yet: decode waits for one
             and self._decode.role_of(decision.replica_id) == "decode"
             and decision.uncached_tokens > self._min_split_tokens
         ):

@@ -38,3 +38,17 @@ class ServingMetrics(MetricSet):
             "gateway_traffic_weight", "Each traffic split's weights in force, by target (a rollout as it moves).",
             ["name", "target"],
         )
+        self.traffic_ttft = self.histogram(
+            "gateway_traffic_time_to_first_token_seconds",
+            "Time to the first token of streamed requests to a traffic split's name, by target (compare versions "
+            "during a rollout).", ["name", "target"],
+        )
+        self.traffic_tokens = self.counter(
+            "gateway_traffic_tokens", "Tokens of requests to a traffic split's name, by target and kind "
+            "(prompt, generation).", ["name", "target", "kind"],
+        )
+        self.live_config_errors = self.counter(
+            "gateway_live_config_errors",
+            "Live settings (the ingress user_config, or another replica's change) refused here; what was in force "
+            "kept serving. The log says why.",
+        )

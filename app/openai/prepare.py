@@ -158,13 +158,20 @@ class RequestPreparer:
         self, models: Sequence[ServedModel], *, forwards_bodies: bool = False,
         on_key_fallback: KeyFallback | None = None,
     ) -> None:
-        self.models = {model.name: model for model in models}
-        self._registry = ModelRegistry(ModelEntry(m.name, m.aliases) for m in models)
+        self.models: dict[str, ServedModel] = {}
+        self._registry = ModelRegistry(())
+        self.set_models(models)
         self.split_lengths: dict[str, int] = {}
         """Traffic splits' names, listed as models too, with the shortest context of their targets (the
         gateway's splits set them)."""
         self.forwards_bodies = forwards_bodies
         self._on_key_fallback = on_key_fallback
+
+    def set_models(self, models: Sequence[ServedModel]) -> None:
+        """Serve these models from the next request on (raises ValueError if a name is used twice, and the
+        models served stay). A request already resolved keeps the model it resolved to."""
+        registry = ModelRegistry(ModelEntry(m.name, m.aliases) for m in models)
+        self.models, self._registry = {model.name: model for model in models}, registry
 
     def served_names(self) -> list[str]:
         """Every model name and alias a request can name."""

@@ -21,8 +21,15 @@ class ServingBase:
     ) -> None:
         """`forwards_bodies`: the engine gets the client's body and decides what it supports (the gateway)."""
         self.preparer = RequestPreparer(models, forwards_bodies=forwards_bodies, on_key_fallback=on_key_fallback)
-        self.models = self.preparer.models
         self.metrics = metrics or ServingMetrics()
+
+    @property
+    def models(self) -> dict[str, ServedModel]:
+        return self.preparer.models
+
+    def set_models(self, models: Sequence[ServedModel]) -> None:
+        """Serve these models from the next request on (adapters come and go while serving)."""
+        self.preparer.set_models(models)
 
     def list_models(self) -> ModelList:
         return self.preparer.model_list()

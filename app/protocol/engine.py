@@ -213,6 +213,9 @@ class AdapterLoad(BaseModel):
         default=None, description="Adapters in the slots, including idle ones (the simulator says; vLLM does not).")
     loads: int = Field(default=0, description="Adapter loads so far (the simulator's count).")
     evictions: int = Field(default=0, description="Adapters evicted from a slot so far (the simulator's count).")
+    served: list[str] | None = Field(
+        default=None, description="Adapters the engine can serve now, loaded or not (an engine replica the gateway "
+        "runs says; None: unknown, as for external servers). Routers send an adapter's requests only where listed.")
 
 
 class EngineLoad(PrefixCacheCounters):

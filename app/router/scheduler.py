@@ -22,12 +22,14 @@ from app.router.cost import TTFTFeatures, TTFTModel
 from app.router.fleet import Fleet, FleetView, RoutingRequest
 from app.router.plugins import registry
 from app.router.plugins.base import Filter, FilterResult, Picker, PluginContext, Scorer
-from app.router.state import ClusterState, ReplicaRole
+from app.router.state import ClusterState, ReplicaRole, ReplicaState
 
 __all__ = ["POLICIES", "REASONS", "Decision", "Policy", "RoutingConfig", "RoutingRequest", "Scheduler"]
 
-Reason = Literal["prefix", "load", "no_prefix", "guard", "stale_state", "all_saturated", "baseline"]
-REASONS: tuple[str, ...] = ("prefix", "load", "no_prefix", "guard", "stale_state", "all_saturated", "baseline")
+Reason = Literal["prefix", "load", "no_prefix", "guard", "stale_state", "all_saturated", "baseline",
+                 "adapter_loading"]
+REASONS: tuple[str, ...] = ("prefix", "load", "no_prefix", "guard", "stale_state", "all_saturated", "baseline",
+                            "adapter_loading")
 
 
 @dataclass(slots=True)
@@ -105,8 +107,14 @@ class Scheduler:
                          now=now)
         pipeline = self.pipeline
         ranking = pipeline.picker.rank(view, pipeline.run_filters(view), pipeline.cost(view))
-        best = ranking.order[0]
-        decision = Decision(ranked=[fleet.ids[i] for i in ranking.order], reason=ranking.reason, policy=pipeline.name)
+        order = ranking.order
+        if request.adapter is not None:
+            # Not a filter that may be set aside: an engine that does not serve the adapter refuses it.
+            order = [i for i in order if _serves(fleet.states[i], request.adapter)]
+            if not order:
+                return Decision(ranked=[], reason="adapter_loading", policy=pipeline.name)
+        best = order[0]
+        decision = Decision(ranked=[fleet.ids[i] for i in order], reason=ranking.reason, policy=pipeline.name)
         if view.predicted_ttft is not None and view.ttft_inputs is not None:
             prefill, load, queued = view.ttft_inputs
             decision.predicted_ttft_s = float(view.predicted_ttft[best])
@@ -175,3 +183,9 @@ class Scheduler:
         return request.num_prompt_tokens - self._matched_tokens(
             request, decision.matched_by_replica.get(replica_id, 0)
         )
+
+
+def _serves(replica: ReplicaState, adapter: str) -> bool:
+    """Whether the replica serves the adapter, as far as it says (a server that does not say: assume so)."""
+    adapters = replica.stats.adapters
+    return adapters is None or adapters.served is None or adapter in adapters.served

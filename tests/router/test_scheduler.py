@@ -195,3 +195,21 @@ def test_ttft_model_stays_sane_when_traffic_never_varies():
     assert model.predict(TTFTFeatures(256, 40)) == pytest.approx(truth(TTFTFeatures(256, 40)), abs=0.005)
     assert worst_miss_error < 0.15
     assert all(abs(v) < 1.0 for v in model.coefficients.values())
+
+
+@pytest.mark.parametrize("policy", ["prefix_aware", "round_robin", "power_of_two"])
+def test_an_adapters_requests_go_only_where_it_is_served_and_wait_while_nowhere(policy):
+    from app.protocol.engine import AdapterLoad
+
+    s = fleet(policy=policy)
+    for i in range(4):  # only r2 has loaded the adapter added a moment ago; r3 says nothing (an external server)
+        if i != 3:
+            s.state.update_stats(f"r{i}", ReplicaStats(adapters=AdapterLoad(
+                max_loras=2, served=["sql"] if i == 2 else [])), now=0.0)
+    request = RoutingRequest(model="m", block_hashes=[1, 2], num_prompt_tokens=40, block_size=BLOCK, adapter="sql")
+    for _ in range(6):
+        assert set(s.schedule(request, 0.0).ranked) == {"r2", "r3"}
+    s.state.update_stats("r2", ReplicaStats(adapters=AdapterLoad(max_loras=2, served=[])), now=0.0)
+    s.state.update_stats("r3", ReplicaStats(adapters=AdapterLoad(max_loras=2, served=[])), now=0.0)
+    loading = s.schedule(request, 0.0)
+    assert loading.ranked == [] and loading.reason == "adapter_loading"

@@ -21,6 +21,7 @@ import uvicorn
 import yaml
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
 
 from app.engines.simulated.config import SimulatedEngineConfig
 from app.engines.simulated.engine import SimulatedEngine
@@ -30,6 +31,20 @@ from app.kv.hashing import get_hasher
 from app.openai.engine_serving import OpenAIServing, ServedModel
 from app.openai.http import PROMETHEUS_CONTENT_TYPE, OpenAIHTTP, install_error_handlers
 from app.tokenizer import BUILTIN_TOKENIZER_DIR, PromptTokenizer
+
+
+class LoadLoRAAdapter(BaseModel):
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+    load_inplace: bool = False
+
+
+class UnloadLoRAAdapter(BaseModel):
+    lora_name: str = Field(min_length=1)
+
+
+def _lora_error(status: int, message: str, kind: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}}, status)
 
 
 def create_app(
@@ -60,10 +75,14 @@ def create_app(
         block_size=engine_config.block_size,
         hasher=get_hasher(engine_config.hash_algo, engine_config.hash_seed),
     )
-    adapters = adapters if adapters is not None else (engine.adapters if not owned else {})
-    served_adapters = [replace(served, name=name, adapter_of=model, adapter_path=path)
-                       for name, path in adapters.items()]
-    http = OpenAIHTTP(OpenAIServing([served, *served_adapters]), max_body_bytes=max_body_bytes)
+    adapters = dict(adapters if adapters is not None else (engine.adapters if not owned else {}))
+
+    def served_models() -> list[ServedModel]:
+        return [served, *(replace(served, name=name, adapter_of=served.name, adapter_path=path)
+                          for name, path in adapters.items())]
+
+    serving = OpenAIServing(served_models())
+    http = OpenAIHTTP(serving, max_body_bytes=max_body_bytes)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -109,6 +128,23 @@ def create_app(
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> JSONResponse:
         return http.model(model_id)
+
+    # vLLM's runtime LoRA routes (with VLLM_ALLOW_RUNTIME_LORA_UPDATING), with its answers.
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: LoadLoRAAdapter) -> Response:
+        if request.lora_name in adapters and not request.load_inplace:
+            return _lora_error(400, f"The lora adapter '{request.lora_name}' has already been loaded. If you want "
+                               "to load the adapter in place, set 'load_inplace' to True.", "InvalidUserInput")
+        adapters[request.lora_name] = request.lora_path
+        serving.set_models(served_models())
+        return Response(f"Success: LoRA adapter '{request.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: UnloadLoRAAdapter) -> Response:
+        if adapters.pop(request.lora_name, None) is None:
+            return _lora_error(404, f"The lora adapter '{request.lora_name}' cannot be found.", "NotFoundError")
+        serving.set_models(served_models())
+        return Response(f"Success: LoRA adapter '{request.lora_name}' removed successfully.")
 
     @app.get("/health")
     async def health() -> Response:

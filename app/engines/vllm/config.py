@@ -98,6 +98,11 @@ class VLLMEngineConfig(BaseModel):
         "another node is reached through the engine replica instead, one Ray hop more.",
     )
     kv_transfer: KVTransferConfig = Field(default_factory=KVTransferConfig)
+    enable_lora: bool = Field(
+        default=False,
+        description="Start vLLM with LoRA on (--enable-lora, runtime loading allowed) even when the model lists no "
+        "adapters yet, so adapters can be added while serving. On anyway when the model lists adapters.",
+    )
     max_loras: int = Field(default=4, ge=1, description="--max-loras: adapter slots, when the model has adapters.")
     max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = Field(
         default=16, description="--max-lora-rank: the largest adapter rank the slots hold.")

@@ -103,7 +103,8 @@ class VLLMServerEngine:
                 adapters=self.adapters,
             )
             env = server_env(self.config, self.role, side_channel_host=self._host_ip,
-                             side_channel_port=free_port(self._host_ip))
+                             side_channel_port=free_port(self._host_ip),
+                             lora=bool(self.adapters) or self.config.enable_lora)
             # Streams can idle for long between tokens under load; only connecting is bounded.
             self._http = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0), limits=httpx.Limits(
                 max_connections=None, max_keepalive_connections=64))

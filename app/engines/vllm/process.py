@@ -135,10 +135,11 @@ def server_argv(
     transfer = kv_transfer_config(config, role)
     if transfer is not None:
         argv += ["--kv-transfer-config", json.dumps(transfer)]
+    if adapters or config.enable_lora:
+        argv += ["--enable-lora", "--max-loras", str(config.max_loras), "--max-lora-rank", str(config.max_lora_rank)]
     if adapters:
         # Registered up front, loaded into the max_loras slots when a request needs them (LRU).
-        argv += ["--enable-lora", "--max-loras", str(config.max_loras), "--max-lora-rank", str(config.max_lora_rank),
-                 "--lora-modules", *(f"{name}={path}" for name, path in adapters.items())]
+        argv += ["--lora-modules", *(f"{name}={path}" for name, path in adapters.items())]
     return argv + list(config.extra_args)
 
 
@@ -160,9 +161,15 @@ def _engine_hook_env(config: VLLMEngineConfig, role: EngineRole) -> dict[str, st
 
 
 def server_env(
-    config: VLLMEngineConfig, role: EngineRole, *, side_channel_host: str, side_channel_port: int
+    config: VLLMEngineConfig, role: EngineRole, *, side_channel_host: str, side_channel_port: int,
+    lora: bool = False,
 ) -> dict[str, str]:
+    """`lora`: the server runs with LoRA on, and takes adapters added while it serves."""
     env = {**os.environ, **_BASE_ENV, "PYTHONHASHSEED": config.hash_seed}
+    if lora:
+        # /v1/load_lora_adapter and /v1/unload_lora_adapter: the replica adds and removes adapters while
+        # serving. vLLM warns that the routes are for development; here only the gateway reaches them.
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     if os.path.isdir(config.model):
         env.setdefault("HF_HUB_OFFLINE", "1")  # a local folder: never reach for the hub
     if config.device == "cpu":
