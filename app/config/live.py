@@ -85,4 +85,5 @@ def applied(start: GatewayConfig, state: LiveState) -> GatewayConfig:
     try:
         return GatewayConfig.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(describe(error)) from None
+        # The checks that matter here are the whole config's, whose errors have no key path.
+        raise ConfigError(describe(error).replace("(top level): ", "").replace("Value error, ", "").strip()) from None

@@ -142,6 +142,11 @@ class OpenAIIngress:
         )
         self.asgi = GatewayASGI(self.serving, max_body_bytes=limits.max_body_bytes, metrics=self._metrics_page)
         self._ensure_syncing()
+        # Serve calls `reconfigure` only after __init__; the listener below takes requests at once, so
+        # the user_config's adapters and splits must be in force before it starts.
+        user_config = getattr(getattr(context, "_deployment_config", None), "user_config", None)
+        if user_config is not None:
+            await self.reconfigure(user_config)
         self.listener: HTTPListener | None = None
         if limits.listen is not None:
             # Last: the replica takes connections only once it can serve them.
@@ -390,6 +395,7 @@ class OpenAIIngress:
         config = applied(self.start_config, state)
         self.serving.set_served(self._served_models(config), config.traffic)
         self.live = state
+        self.sync.live_in_force = state.model_dump(mode="json")
 
     def _live_changed(self, live: dict[str, Any]) -> None:
         try:

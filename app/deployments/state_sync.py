@@ -213,6 +213,9 @@ class RouterStateSync:
         self.state = state
         self._on_live = on_live
         self._live_version = 0
+        self.live_in_force: dict[str, Any] | None = None
+        """The live settings this router serves, when set while serving (restored to a restarted actor)."""
+        self._restore: asyncio.Task[None] | None = None
         self.router_id = uuid.uuid4().hex[:12]
         self._config = config
         self._link = _ActorLink(app_name, config, f"router {self.router_id}")
@@ -224,6 +227,7 @@ class RouterStateSync:
 
     async def publish_live(self, live: dict[str, Any]) -> None:
         """Hand live settings, already in force here, to every replica of the app."""
+        self.live_in_force = live
         self._live_version = await self._link.actor().set_live.remote(live)
 
     async def offer_user_config(self, user_config_digest: str, live: dict[str, Any]) -> dict[str, Any] | None:
@@ -282,6 +286,10 @@ class RouterStateSync:
                 state.index.clear(replica_id)
             elif kind == "speculate":
                 state.note_routed(replica_id, hashes, now)
+        if self._epoch and reply.epoch != self._epoch and reply.live is None and self.live_in_force is not None:
+            # The actor restarted and forgot the live settings: put back the ones in force here, so that
+            # engine replicas started from now on load the adapters in force, not the config's.
+            self._restore = asyncio.get_running_loop().create_task(self.publish_live(self.live_in_force))
         self._epoch, self._version = reply.epoch, reply.version
         self._membership, self._stats_version = reply.membership, reply.stats_version
         state.synced_at = now
