@@ -24,7 +24,8 @@ PROMPTS = ["The river by the old stone harbor", "Copper lanterns over the meadow
 @pytest.fixture(scope="module")
 def adapters(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")
-    return {name: str(build_tiny_lora(root / name, seed=seed)) for seed, name in enumerate(["sql-lora", "chat-lora"], 1)}
+    names = ["sql-lora", "chat-lora"]
+    return {name: str(build_tiny_lora(root / name, seed=seed)) for seed, name in enumerate(names, 1)}
 
 
 @pytest.fixture(scope="module")
