@@ -26,11 +26,18 @@ class AdapterAffinityParams(BaseModel):
 
     load_s: float = Field(default=0.05, ge=0.0, description="Seconds to load an adapter into a free slot.")
     evict_s: float = Field(
-        default=0.05, ge=0.0, description="More seconds where the load evicts an idle adapter (its next load).")
+        default=0.5, ge=0.0,
+        description="More seconds where the load evicts an idle adapter as popular as the request's (scaled by "
+        "their popularity): the reloads an eviction causes later, which LRU slots turn into a cascade. Priced well "
+        "above one load's time on purpose: in the simulator 0.5 s halves the loads of 0.05 s and lowers TTFT too "
+        "(benchmarks/README.md, 'Many LoRA adapters').")
     sent_recently_s: float = Field(
         default=1.0, ge=0.0,
         description="How long an adapter this router sent to a replica counts as in a slot while the replica's "
         "stats do not show it yet (they lag by a report and a sync).")
+    popularity_s: float = Field(
+        default=30.0, gt=0.0, description="Half-life of the request counts that price an eviction by how popular "
+        "the evicted adapter is.")
     busy_slots_s: float = Field(
         default=0.5, ge=0.0,
         description="More seconds where every slot serves running requests of other adapters (the request "
@@ -43,12 +50,15 @@ class AdapterAffinityScorer:
 
     def __init__(self, params: AdapterAffinityParams, context: PluginContext) -> None:
         self.params = params
+        self._popularity: dict[str, float] = {}
+        self._seen_at = 0.0
 
     def cost(self, view: FleetView) -> np.ndarray:
         adapter = view.request.adapter
         costs = np.zeros(len(view.fleet.ids), dtype=np.float64)
         if adapter is None:
             return costs
+        self._observe(adapter, view.now)
         p = self.params
         for index, state in enumerate(view.fleet.states):
             adapters = state.stats.adapters
@@ -67,10 +77,34 @@ class AdapterAffinityScorer:
             elif len(set(adapters.running)) >= adapters.max_loras:
                 costs[index] = p.load_s + p.busy_slots_s
             elif len(self._in_slots(state, adapters, view.now)) >= adapters.max_loras:
-                costs[index] = p.load_s + p.evict_s
+                costs[index] = p.load_s + p.evict_s * self._eviction_weight(view, state, adapters, adapter)
             else:
                 costs[index] = p.load_s
         return costs
+
+    def _observe(self, adapter: str, now: float) -> None:
+        """Count the request in its adapter's popularity: a decaying request count (half-life `popularity_s`)."""
+        decay = 0.5 ** ((now - self._seen_at) / self.params.popularity_s) if now > self._seen_at else 1.0
+        if decay < 1.0:
+            for name in self._popularity:
+                self._popularity[name] *= decay
+            self._seen_at = now
+        self._popularity[adapter] = self._popularity.get(adapter, 0.0) + 1.0
+
+    def _eviction_weight(self, view: FleetView, state: ReplicaState, adapters: AdapterLoad, adapter: str) -> float:
+        """How much evicting this replica's next victim costs, relative to `evict_s`: by the victim's popularity
+        against the request's adapter's (1 when alike, up to 2 when the victim is much hotter, near 0 when much
+        colder), so a load evicts where the adapter leaving is the least missed. 1 where the engine does not say
+        which adapter goes next (vLLM does not list idle adapters)."""
+        if adapters.loaded is None:
+            return 1.0
+        busy = {*adapters.running, *(n for n, at in state.sent_adapters.items()
+                                     if view.now - at <= self.params.sent_recently_s)}
+        victim = next((name for name in adapters.loaded if name not in busy), None)  # least recently used first
+        if victim is None:
+            return 1.0
+        victim_rate, rate = self._popularity.get(victim, 0.0), self._popularity.get(adapter, 0.0)
+        return 2.0 * victim_rate / (victim_rate + rate) if victim_rate + rate > 0 else 1.0
 
     def _in_slots(self, state: ReplicaState, adapters: AdapterLoad, now: float) -> set[str]:
         """The adapters a replica's slots hold: what its stats say, and what was sent there since."""
