@@ -8,11 +8,14 @@ running out of CPU: the modelled engines are the bottleneck, as GPUs are in prod
 
     .venv/bin/python benchmarks/routing_live.py --replicas 8 --rates 4,8
     .venv/bin/python benchmarks/routing_live.py --vllm-model models/tiny-llama --replicas 2 ...   # real vLLM CPU
+    .venv/bin/python benchmarks/routing_live.py --workload multi_adapter --adapters 32 --max-loras 4 \
+        --policies round_robin,prefix_only,prefix_aware     # LoRA adapters with Zipf popularity
 
 Reported per policy: TTFT p50/p90/p99 and end-to-end p50 (client side, wall seconds), output
 tokens/s, prefix hit rate (prompt tokens the engines served from cache, from the usage of each
 response; and vLLM's own vllm:prefix_cache_hits / queries counters as engine_hit_rate), and spread
-(most prompt tokens on one replica over the mean, from the engines' counters).
+(most prompt tokens on one replica over the mean, from the engines' counters); with adapters, the
+engines' adapter loads per 1,000 requests. Policy `prefix_only` is ours without the adapter scorer.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import httpx
 import numpy as np
 
+from benchmarks.routing_sim import PREFIX_ONLY
 from tests.helpers import free_port, wait_for, wait_until_ready
 
 MODEL = "sim-llama"
@@ -57,6 +61,25 @@ class Sample:
 class Workload:
     arrivals: list[float]
     prompts: list[list[dict]] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)
+    """The model (or adapter) each request names; empty: all the base model."""
+
+
+def multi_adapter(adapters: int, requests: int, system_words: int, question_words: int, rate: float,
+                  seed: int, zipf: float = 1.0) -> Workload:
+    """Requests for LoRA adapters with Zipf popularity, each adapter with its own system prompt."""
+    rng = random.Random(seed)
+    systems = [" ".join(rng.choice(WORDS) for _ in range(system_words)) for _ in range(adapters)]
+    weights = [1.0 / (k + 1) ** zipf for k in range(adapters)]
+    t, workload = 0.0, Workload([])
+    for n in range(requests):
+        t += rng.expovariate(rate)
+        a = rng.choices(range(adapters), weights)[0]
+        question = f"Question {n}: " + " ".join(rng.choice(WORDS) for _ in range(question_words))
+        workload.arrivals.append(t)
+        workload.prompts.append([{"role": "system", "content": systems[a]}, {"role": "user", "content": question}])
+        workload.models.append(f"lora-{a}")
+    return workload
 
 
 def shared_prefix(groups: int, per_group: int, system_words: int, question_words: int, rate: float,
@@ -74,11 +97,11 @@ def shared_prefix(groups: int, per_group: int, system_words: int, question_words
     return workload
 
 
-async def stream_chat(client: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int
-                      ) -> tuple[Sample, str]:
+async def stream_chat(client: httpx.AsyncClient, url: str, messages: list[dict], max_tokens: int,
+                      model: str | None = None) -> tuple[Sample, str]:
     """One streamed chat request: its timings and usage, and the answer's text."""
     sample, text = Sample(), []
-    body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
+    body = {"model": model or MODEL, "messages": messages, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     try:
@@ -116,16 +139,20 @@ async def run_open_loop(url: str, workload: Workload, max_tokens: int) -> tuple[
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         started = time.perf_counter()
 
-        async def at(offset: float, messages: list[dict]) -> Sample:
+        async def at(offset: float, messages: list[dict], model: str | None) -> Sample:
             await asyncio.sleep(max(0.0, started + offset - time.perf_counter()))
-            return (await stream_chat(client, url, messages, max_tokens))[0]
+            return (await stream_chat(client, url, messages, max_tokens, model))[0]
 
-        samples = await asyncio.gather(*(at(t, m) for t, m in zip(workload.arrivals, workload.prompts, strict=True)))
+        models = workload.models or [None] * len(workload.arrivals)
+        samples = await asyncio.gather(*(at(t, m, model) for t, m, model
+                                         in zip(workload.arrivals, workload.prompts, models, strict=True)))
         return list(samples), time.perf_counter() - started
 
 
 def app_config(args: argparse.Namespace, policy: str) -> dict:
     engine = {"time_scale": args.time_scale, "num_blocks": args.num_blocks, "max_num_seqs": 64}
+    if args.workload == "multi_adapter":
+        engine |= {"max_loras": args.max_loras, "lora_load_s": args.lora_load_s}
     if args.vllm_model:
         engine = {"kind": "vllm", "model": args.vllm_model, "device": "cpu", "dtype": "float32", "enforce_eager": True,
                   "block_size": 32, "max_num_seqs": 8, "max_num_batched_tokens": 1024, "cpu_kv_cache_gib": 1,
@@ -136,9 +163,11 @@ def app_config(args: argparse.Namespace, policy: str) -> dict:
             "max_model_len": 1024 if args.vllm_model else 8192,
             "engine": engine,
             "deployment": {"num_replicas": args.replicas, "max_ongoing_requests": 1000},
+            "adapters": ([{"name": f"lora-{a}"} for a in range(args.adapters)]
+                         if args.workload == "multi_adapter" else []),
         }],
         "ingress": {"num_replicas": 1, "listen": {"host": "127.0.0.1", "port": args.listen_port}},
-        "routing": {"policy": policy},
+        "routing": PREFIX_ONLY if policy == "prefix_only" else {"policy": policy},
     }
 
 
@@ -166,6 +195,7 @@ def summarize(policy: str, rate: float, samples: list[Sample], wall_s: float, co
     e2e = np.array([s.e2e_s for s in ok])
     queries = np.array([c["stats"]["prefix_cache_queries"] for c in counters.values()], dtype=float)
     hits = np.array([c["stats"]["prefix_cache_hits"] for c in counters.values()], dtype=float)
+    loads = sum((c["stats"].get("adapters") or {}).get("loads", 0) for c in counters.values())
     return {
         "policy": policy, "rate": rate, "requests": len(samples), "measured": len(measured),
         "errors": sum(s.error is not None for s in samples),
@@ -177,6 +207,7 @@ def summarize(policy: str, rate: float, samples: list[Sample], wall_s: float, co
         "engine_hit_rate": float(hits.sum() / queries.sum()) if queries.sum() else None,
         "spread_max_over_mean": float(queries.max() / queries.mean()) if queries.size and queries.mean() else None,
         "replicas_reporting": len(counters),
+        "adapter_loads_per_1k": 1000 * loads / len(samples),
     }
 
 
@@ -184,6 +215,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--replicas", type=int, default=8)
     p.add_argument("--rates", default="4,8", help="wall-clock requests per second, comma separated")
+    p.add_argument("--workload", choices=("shared_prefix", "multi_adapter"), default="shared_prefix")
+    p.add_argument("--adapters", type=int, default=32, help="multi_adapter: adapters, Zipf popularity")
+    p.add_argument("--requests", type=int, default=600, help="multi_adapter: requests")
+    p.add_argument("--max-loras", type=int, default=4, help="multi_adapter: adapter slots per engine")
+    p.add_argument("--lora-load-s", type=float, default=0.05, help="multi_adapter: modelled seconds to load one")
     p.add_argument("--groups", type=int, default=64)
     p.add_argument("--prompts-per-group", type=int, default=8)
     p.add_argument("--system-words", type=int, default=1000)
@@ -215,8 +251,12 @@ def main() -> None:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         for rate in [float(r) for r in args.rates.split(",")]:
-            workload = shared_prefix(args.groups, args.prompts_per_group, args.system_words, args.question_words,
-                                     rate, args.seed)
+            if args.workload == "multi_adapter":
+                workload = multi_adapter(args.adapters, args.requests, args.system_words, args.question_words,
+                                         rate, args.seed)
+            else:
+                workload = shared_prefix(args.groups, args.prompts_per_group, args.system_words,
+                                         args.question_words, rate, args.seed)
             for policy in args.policies.split(","):
                 app = f"live-{policy.replace('_', '-')}-{int(rate * 10)}"
                 serve.run(build_gateway(parse_gateway_config(app_config(args, policy))), name=app,
@@ -233,7 +273,7 @@ def main() -> None:
                       f"p90 {row['ttft_p90']:6.3f}s p99 {row['ttft_p99']:6.3f}s  e2e p50 {row['e2e_p50']:6.2f}s  "
                       f"out {row['output_tok_s']:6.1f} tok/s  hit {row['hit_rate']:.3f}  "
                       f"engine hit {row['engine_hit_rate'] or 0:.3f}  spread {row['spread_max_over_mean']:.2f}  "
-                      f"errors {row['errors']}", flush=True)
+                      f"loads/1k {row['adapter_loads_per_1k']:.0f}  errors {row['errors']}", flush=True)
                 serve.delete(app)
                 if args.json:
                     with open(args.json, "w") as f:
