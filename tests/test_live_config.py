@@ -55,3 +55,16 @@ def test_a_serve_file_with_a_bad_ingress_user_config_is_refused_at_check_time():
         ServeConfigFile.model_validate({"proxy_location": "Disabled", "applications": [app]})
     app["deployments"][0]["user_config"] = {"adapters": {"base": [{"name": "new"}]}}
     ServeConfigFile.model_validate({"proxy_location": "Disabled", "applications": [app]})
+
+
+def test_an_adapter_folder_that_does_not_exist_is_refused_naming_it(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    vllm = parse_gateway_config({"models": [{"name": "v", "engine": {"kind": "vllm", "model": str(tmp_path),
+                                                                      "enable_lora": True}}]})
+    change = LiveConfig.model_validate({"adapters": {"v": [{"name": "x", "source": str(tmp_path / "nope")}]}})
+    with pytest.raises(ConfigError, match="adapter 'x': no adapter_config.json in .*nope"):
+        applied(vllm, merged(live_state_of(vllm), change))
+    (tmp_path / "nope").mkdir()
+    (tmp_path / "nope" / "adapter_config.json").write_text("{}")
+    assert applied(vllm, merged(live_state_of(vllm), change)).models[0].adapter_paths == {"x": str(tmp_path / "nope")}
