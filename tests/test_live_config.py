@@ -63,7 +63,7 @@ def test_an_adapter_folder_that_does_not_exist_is_refused_naming_it(tmp_path):
     vllm = parse_gateway_config({"models": [{"name": "v", "engine": {"kind": "vllm", "model": str(tmp_path),
                                                                       "enable_lora": True}}]})
     change = LiveConfig.model_validate({"adapters": {"v": [{"name": "x", "source": str(tmp_path / "nope")}]}})
-    with pytest.raises(ConfigError, match="adapter 'x': no adapter_config.json in .*nope"):
+    with pytest.raises(ConfigError, match=r"adapter 'x': no adapter_config.json in .*nope"):
         applied(vllm, merged(live_state_of(vllm), change))
     (tmp_path / "nope").mkdir()
     (tmp_path / "nope" / "adapter_config.json").write_text("{}")
