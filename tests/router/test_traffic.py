@@ -30,6 +30,14 @@ def test_sticky_callers_keep_their_target():
     assert len({splitter.pick("prod", user="same") for _ in range(20)}) == 1
 
 
+def test_a_sticky_90_10_split_over_2000_callers_lands_within_2_points():
+    splitter = TrafficSplitter({"prod": TrafficSplit(targets=[{"target": "v1", "weight": 90},
+                                                              {"target": "v2", "weight": 10}],
+                                                     sticky_header="x-session-id")})
+    picks = Counter(splitter.pick("prod", headers={"x-session-id": f"session-{i}"}) for i in range(2000))
+    assert abs(picks["v2"] / 2000 - 0.10) <= 0.02, picks
+
+
 def test_zero_weight_targets_get_nothing_and_bad_splits_are_refused():
     splitter = TrafficSplitter({"prod": split(v1=0, v2=5)})
     assert {splitter.pick("prod") for _ in range(50)} == {"v2"}
