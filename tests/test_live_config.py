@@ -68,3 +68,13 @@ def test_an_adapter_folder_that_does_not_exist_is_refused_naming_it(tmp_path):
     (tmp_path / "nope").mkdir()
     (tmp_path / "nope" / "adapter_config.json").write_text("{}")
     assert applied(vllm, merged(live_state_of(vllm), change)).models[0].adapter_paths == {"x": str(tmp_path / "nope")}
+
+
+def test_an_adapter_listed_twice_or_a_policy_that_cannot_follow_new_adapters_is_refused():
+    config = gateway()
+    with pytest.raises(ConfigError, match="'b' is listed twice"):
+        merged(live_state_of(config), LiveConfig.model_validate({"adapters": {"base": [{"name": "b"}, {"name": "b"}]}}))
+    unranked = parse_gateway_config({"models": [{"name": "base"}], "routing": {"policy": "power_of_two"}})
+    change = LiveConfig.model_validate({"adapters": {"base": [{"name": "new"}]}})
+    with pytest.raises(ConfigError, match="power_of_two picks replicas inside Serve's handle"):
+        applied(unranked, merged(live_state_of(unranked), change))

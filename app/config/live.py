@@ -20,8 +20,9 @@ from app.router.traffic import TrafficSplit
 
 
 class LiveConfig(BaseModel):
-    """The ingress deployment's `user_config`: each section given replaces what is in force; a section left
-    out keeps it."""
+    """The ingress deployment's `user_config`, or a handle change: each section given replaces the one it is
+    merged onto (for `user_config`, the `args`'; for a handle call, what is in force); a section left out
+    keeps it."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -56,6 +57,10 @@ def merged(state: LiveState, change: LiveConfig) -> LiveState:
     """`state` with the sections `change` gives replaced."""
     adapters = dict(state.adapters)
     for model, listed in (change.adapters or {}).items():
+        names = [a.name for a in listed]
+        twice = next((name for name in names if names.count(name) > 1), None)
+        if twice is not None:
+            raise ConfigError(f"adapters of {model!r}: {twice!r} is listed twice")
         adapters[model] = {a.name: a.source or f"sim://{a.name}" for a in listed}
     return LiveState(traffic=state.traffic if change.traffic is None else change.traffic, adapters=adapters)
 
@@ -69,6 +74,10 @@ def applied(start: GatewayConfig, state: LiveState) -> GatewayConfig:
         model = models.get(name)
         if model is None:
             problems.append(f"adapters: no model named {name!r} (models: {', '.join(models)})")
+        elif adapters != model.adapter_paths and not start.routing.ranks_at_gateway:
+            problems.append(f"adapters of {name!r}: routing.policy {start.routing.policy} picks replicas inside "
+                            "Serve's handle, which cannot tell which replicas have loaded an adapter added while "
+                            "serving; use prefix_aware or round_robin, or list the adapters in `args`")
         elif adapters != model.adapter_paths and not model.adapters_changeable:
             problems.append(
                 f"adapters of {name!r}: its engines cannot change adapters while serving ("

@@ -14,6 +14,7 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from app.config import GatewayConfig, ModelConfig, parse_gateway_config
+from app.config.live import digest
 from app.deployments.endpoint_watcher import EndpointWatcher
 from app.deployments.engine_replica import EngineServer
 from app.deployments.ingress import OpenAIIngress
@@ -59,7 +60,8 @@ def _engine_app(model: ModelConfig, role: str, config: GatewayConfig) -> Applica
         ray_actor_options=d.ray_actor_options,
         health_check_period_s=d.health_check_period_s,
         **routers,
-    ).bind(model.model_dump(mode="json"), config.cluster_state.model_dump(mode="json"), role)
+    ).bind(model.model_dump(mode="json"), config.cluster_state.model_dump(mode="json"), role,
+           digest(config.model_dump(mode="json")))
 
 
 def _endpoint_watcher_app(model: ModelConfig, config: GatewayConfig) -> Application:

@@ -43,8 +43,10 @@ serve_logger = logging.getLogger("ray.serve")  # Serve's logger reaches the repl
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256, health_check_period_s=5)
 class EngineServer:
     async def __init__(
-        self, model: dict[str, Any], cluster_state: dict[str, Any] | None = None, role: ReplicaRole = "mixed"
+        self, model: dict[str, Any], cluster_state: dict[str, Any] | None = None, role: ReplicaRole = "mixed",
+        args_digest: str = "",
     ) -> None:
+        """`args_digest`: identifies the application's args (live settings belong to one version of them)."""
         config = ModelConfig.model_validate(model)
         engine_config = config.engine_for(role)
         self.role = role
@@ -86,6 +88,7 @@ class EngineServer:
             hash_algo=cache.prefix_caching_hash_algo,
             hash_seed=cache.hash_seed,
             kv_events=True,
+            lists_adapters=config.adapters_changeable and self.endpoint_url is not None,
             endpoint_url=self.endpoint_url,
             node_id=ray.get_runtime_context().get_node_id(),
         )
@@ -103,7 +106,7 @@ class EngineServer:
             self.catalog = AdapterCatalog(ServerAdapterAdmin(self._pool, self.endpoint_url), config.adapter_paths)
         self._max_loras = getattr(engine_config, "max_loras", 0)
         self._adapters = AdapterSync(context.app_name if context else "", config.name,
-                                     ClusterStateConfig.model_validate(cluster_state or {}))
+                                     ClusterStateConfig.model_validate(cluster_state or {}), args_digest)
         self._ensure_reporting()
 
     def _ensure_reporting(self) -> None:

@@ -144,9 +144,8 @@ class OpenAIIngress:
         self._ensure_syncing()
         # Serve calls `reconfigure` only after __init__; the listener below takes requests at once, so
         # the user_config's adapters and splits must be in force before it starts.
-        user_config = getattr(getattr(context, "_deployment_config", None), "user_config", None)
-        if user_config is not None:
-            await self.reconfigure(user_config)
+        self.sync.args_digest = digest(config)
+        await self._adopt_live(getattr(getattr(context, "_deployment_config", None), "user_config", None))
         self.listener: HTTPListener | None = None
         if limits.listen is not None:
             # Last: the replica takes connections only once it can serve them.
@@ -314,18 +313,29 @@ class OpenAIIngress:
         and on every `serve deploy` that changes it. A setting that cannot be served is logged and counted
         (gateway_live_config_errors_total), and what is in force keeps serving: raising here would make
         Serve replace this replica, and every new one would fail the same way."""
+        await self._adopt_live(user_config)
+
+    async def _adopt_live(self, user_config: dict[str, Any] | None) -> None:
+        """Put in force this replica's settings (the args', with `user_config`), or those the app's other
+        replicas have in force since (see ClusterStateActor.offer_live)."""
         try:
             state = merged(live_state_of(self.start_config), LiveConfig.model_validate(user_config or {}))
             applied(self.start_config, state)  # checked before it reaches the other replicas
         except (ValidationError, ConfigError) as error:
             self._live_error("the ingress user_config", error)
             return
-        try:
-            in_force = await self.sync.offer_user_config(digest(user_config), state.model_dump(mode="json"))
-        except Exception as error:  # no actor yet: this replica alone, now; the others do the same
-            logger.warning("live settings not shared through the cluster state actor (%s); applying here", error)
-            in_force = None
-        self._live_changed(in_force or state.model_dump(mode="json"))
+        offered, in_force = state.model_dump(mode="json"), None
+        for attempt in range(6):  # the actor may be starting
+            try:
+                in_force = await self.sync.offer_live(digest(user_config) if user_config is not None else "", offered)
+                break
+            except Exception as error:
+                if attempt == 5:
+                    logger.warning("live settings not shared through the cluster state actor (%s); in force on "
+                                   "this replica only", error)
+                else:
+                    await asyncio.sleep(0.2 * 2**attempt)
+        self._live_changed(in_force or offered)
 
     async def set_traffic(self, traffic: dict[str, Any]) -> dict[str, dict[str, float]]:
         """Put traffic splits in force on every ingress replica, within a sync round (well under a second),
@@ -373,12 +383,26 @@ class OpenAIIngress:
         return self.live.model_dump(mode="json")
 
     async def _change_live(self, change: LiveConfig) -> None:
-        state = merged(self.live, change)
-        try:
-            self._apply_live(state)  # checks it; this replica at once
-        except (ConfigError, ValueError) as error:
-            raise ValueError(str(error)) from None
-        await self.sync.publish_live(state.model_dump(mode="json"))
+        """A handle change, made on top of the settings in force everywhere: if another replica changed
+        them first, take its change and make this one again on top of it."""
+        for _ in range(5):
+            version, state = self.sync.live_version, merged(self.live, change)
+            try:
+                applied(self.start_config, state)
+            except ConfigError as error:
+                raise ValueError(str(error)) from None
+            if await self.sync.put_live(state.model_dump(mode="json"), version):
+                self._apply_live(state)
+                return
+            await self._synced_past(version)
+        raise RuntimeError("the live settings kept changing under this call (five other changes at once); "
+                           "make it again")
+
+    async def _synced_past(self, version: int, timeout_s: float = 5.0) -> None:
+        """Wait for this replica's sync to bring a live settings version other than `version`."""
+        self._ensure_syncing()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.sync.live_past(version), timeout_s)
 
     async def _adapters_loaded(self, model: str, wait_s: float) -> dict[str, Any]:
         wanted = set(self.live.adapters.get(model, {}))
@@ -395,7 +419,6 @@ class OpenAIIngress:
         config = applied(self.start_config, state)
         self.serving.set_served(self._served_models(config), config.traffic)
         self.live = state
-        self.sync.live_in_force = state.model_dump(mode="json")
 
     def _live_changed(self, live: dict[str, Any]) -> None:
         try:

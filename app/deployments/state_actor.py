@@ -86,8 +86,10 @@ class ClusterStateActor:
         self._stats_changed: dict[str, int] = {}
         self._live: dict[str, Any] | None = None
         self._live_version = 0
+        self._live_args = ""
+        """The digest of the application `args` the live settings belong to."""
         self._live_user_config = ""
-        """The digest of the last ingress `user_config` put in force (see `offer_user_config`)."""
+        """The digest of the last ingress `user_config` put in force (see `offer_live`)."""
         self._news: asyncio.Future[None] | None = None
         """Resolved (and replaced) whenever anything a router could sync changes."""
 
@@ -158,26 +160,49 @@ class ClusterStateActor:
                     # its cache: they belong in the snapshot a new (or lagging) router starts from.
                     self.state.index.add(replica_id, hashes)
 
-    def set_live(self, live: dict[str, Any]) -> int:
-        """Live settings for every replica of the app (checked by the ingress that asks); their version."""
+    # -- live settings (app/config/live.py): the latest for every replica of the app ---------------
+    # Each is tied to a digest of the application's `args`: settings made for other args (before a
+    # redeploy that restarted everything) are not handed to replicas of the new ones.
+
+    def _put_live(self, live: dict[str, Any]) -> None:
         self._live, self._live_version = live, self._live_version + 1
         self._notify()
-        return self._live_version
 
-    def offer_user_config(self, user_config_digest: str, live: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
-        """An ingress replica's `reconfigure`: its user_config is put in force only if it is not the one
-        already put in force, so a replica that starts later with the same user_config does not undo the
-        handle calls made since. Returns the version and settings in force (None: never set)."""
-        if user_config_digest != self._live_user_config:
+    def offer_live(self, args_digest: str, user_config_digest: str, live: dict[str, Any]
+                   ) -> tuple[int, dict[str, Any] | None]:
+        """An ingress replica starting, or reconfigured by Serve: its settings (its args', with its
+        user_config if it has one) are put in force when its args are new here, or when its user_config
+        is not the one last put in force; otherwise the settings in force stay, so a replica started
+        later with the same user_config does not undo handle changes made since. Returns the version and
+        the settings in force."""
+        if args_digest != self._live_args:
+            self._live_args, self._live_user_config = args_digest, user_config_digest
+            self._put_live(live)
+        elif user_config_digest and user_config_digest != self._live_user_config:
             self._live_user_config = user_config_digest
-            self.set_live(live)
+            self._put_live(live)
         return self._live_version, self._live
 
-    def adapters_of(self, model: str, version: int) -> tuple[int, dict[str, str] | None]:
+    def set_live(self, args_digest: str, expected_version: int, live: dict[str, Any]) -> tuple[bool, int]:
+        """A handle change (checked by the ingress that asks), put in force only if it was made on top of the
+        settings in force (`expected_version`), so two changes made at once on two replicas cannot undo
+        each other: the later is refused and made again on top of the first. Returns (put, version)."""
+        if args_digest != self._live_args or expected_version != self._live_version:
+            return False, self._live_version
+        self._put_live(live)
+        return True, self._live_version
+
+    def restore_live(self, args_digest: str, user_config_digest: str, live: dict[str, Any]) -> None:
+        """After this actor restarted (empty): an ingress replica puts back the settings it serves."""
+        if self._live is None:
+            self._live_args, self._live_user_config = args_digest, user_config_digest
+            self._put_live(live)
+
+    def adapters_of(self, model: str, version: int, args_digest: str) -> tuple[int, dict[str, str] | None]:
         """For an engine replica: the model's adapters (name -> path) when the live settings are not the
-        `version` it has and name them; else None (keep what it serves)."""
+        `version` it has, are for its args, and name the model; else None (keep what it serves)."""
         # Unequal, not older: a restarted actor counts from 0 again.
-        if self._live is None or version == self._live_version:
+        if self._live is None or version == self._live_version or args_digest != self._live_args:
             return self._live_version, None
         return self._live_version, self._live.get("adapters", {}).get(model)
 

@@ -147,8 +147,10 @@ class AdapterSync:
     """Brings an engine replica's adapters to what the live settings list for its model: asks the actor
     every `poll_s` (a change takes effect within that), and reconciles until the engine matches."""
 
-    def __init__(self, app_name: str, model: str, config: ClusterStateConfig, poll_s: float = 0.25) -> None:
+    def __init__(self, app_name: str, model: str, config: ClusterStateConfig, args_digest: str,
+                 poll_s: float = 0.25) -> None:
         self._model = model
+        self._args_digest = args_digest
         self._poll_s = poll_s
         self._version = 0
         self._link = _ActorLink(app_name, config, f"adapters of {model}")
@@ -156,7 +158,8 @@ class AdapterSync:
     async def run(self, catalog: AdapterCatalog, busy: Callable[[], set[str]]) -> None:
         while True:
             try:
-                version, adapters = await self._link.actor().adapters_of.remote(self._model, self._version)
+                version, adapters = await self._link.actor().adapters_of.remote(self._model, self._version,
+                                                                                self._args_digest)
                 self._link.succeeded()
                 if adapters is not None:
                     catalog.want(adapters, time.monotonic())
@@ -166,7 +169,7 @@ class AdapterSync:
             except Exception as error:  # the actor is restarting or gone: keep serving what is loaded
                 self._link.failed(error)
             if not catalog.settled:
-                await catalog.reconcile(busy(), time.monotonic())
+                await catalog.reconcile(busy, time.monotonic())
             await asyncio.sleep(self._poll_s)
 
 
@@ -214,8 +217,12 @@ class RouterStateSync:
         self._on_live = on_live
         self._live_version = 0
         self.live_in_force: dict[str, Any] | None = None
-        """The live settings this router serves, when set while serving (restored to a restarted actor)."""
+        """The live settings this router serves (restored to a restarted actor)."""
+        self.args_digest = ""
+        """Identifies the application's `args`: live settings belong to one version of them."""
+        self.user_config_digest = ""
         self._restore: asyncio.Task[None] | None = None
+        self._live_news: asyncio.Future[None] | None = None
         self.router_id = uuid.uuid4().hex[:12]
         self._config = config
         self._link = _ActorLink(app_name, config, f"router {self.router_id}")
@@ -225,17 +232,33 @@ class RouterStateSync:
         self._stats_version = -1
         self._speculated: list[tuple[str, list[int]]] = []
 
-    async def publish_live(self, live: dict[str, Any]) -> None:
-        """Hand live settings, already in force here, to every replica of the app."""
-        self.live_in_force = live
-        self._live_version = await self._link.actor().set_live.remote(live)
+    @property
+    def live_version(self) -> int:
+        """The version of the live settings this router has (from the actor)."""
+        return self._live_version
 
-    async def offer_user_config(self, user_config_digest: str, live: dict[str, Any]) -> dict[str, Any] | None:
-        """Put a `user_config`'s settings in force everywhere unless that user_config was put in force before
-        (then the settings since, which may be newer). Returns the settings in force (None: never set)."""
-        version, in_force = await self._link.actor().offer_user_config.remote(user_config_digest, live)
+    async def offer_live(self, user_config_digest: str, live: dict[str, Any]) -> dict[str, Any] | None:
+        """This replica's settings (see ClusterStateActor.offer_live); returns those in force everywhere."""
+        version, in_force = await self._link.actor().offer_live.remote(self.args_digest, user_config_digest, live)
         self._live_version = version
+        if user_config_digest:
+            self.user_config_digest = user_config_digest
+        self.live_in_force = in_force
         return in_force
+
+    async def live_past(self, version: int) -> None:
+        """Return once a sync has brought live settings other than `version`."""
+        while self._live_version == version:
+            if self._live_news is None or self._live_news.done():
+                self._live_news = asyncio.get_running_loop().create_future()
+            await self._live_news
+
+    async def put_live(self, live: dict[str, Any], expected_version: int) -> bool:
+        """A change made on top of version `expected_version`; False if another came first (sync, retry)."""
+        put, version = await self._link.actor().set_live.remote(self.args_digest, expected_version, live)
+        if put:
+            self._live_version, self.live_in_force = version, live
+        return put
 
     def speculated(self, replica_id: str, block_hashes: list[int]) -> None:
         if block_hashes:
@@ -289,13 +312,16 @@ class RouterStateSync:
         if self._epoch and reply.epoch != self._epoch and reply.live is None and self.live_in_force is not None:
             # The actor restarted and forgot the live settings: put back the ones in force here, so that
             # engine replicas started from now on load the adapters in force, not the config's.
-            self._restore = asyncio.get_running_loop().create_task(self.publish_live(self.live_in_force))
+            self._restore = asyncio.get_running_loop().create_task(self._link.actor().restore_live.remote(
+                self.args_digest, self.user_config_digest, self.live_in_force))
         self._epoch, self._version = reply.epoch, reply.version
         self._membership, self._stats_version = reply.membership, reply.stats_version
         state.synced_at = now
         if reply.live is not None and self._on_live is not None:
             self._on_live(reply.live)
         self._live_version = reply.live_version
+        if self._live_news is not None and not self._live_news.done():
+            self._live_news.set_result(None)
 
 
 def _runs(ops: list[IndexOp]) -> list[tuple[str, str, list[int]]]:

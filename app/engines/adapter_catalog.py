@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from app.upstream import UpstreamError, UpstreamPool
@@ -90,9 +90,9 @@ class AdapterCatalog:
     def settled(self) -> bool:
         return self.serving == self.wanted
 
-    async def reconcile(self, busy: set[str], now: float) -> None:
-        """Load what is wanted and not served; unload what is served, not wanted, drained. `busy`: adapters
-        with requests running or waiting on this engine."""
+    async def reconcile(self, busy: Callable[[], set[str]], now: float) -> None:
+        """Load what is wanted and not served; unload what is served, not wanted, drained. `busy`: the
+        adapters with requests running or waiting on this engine now (asked just before each unload)."""
         for name, path in self.wanted.items():
             if self.serving.get(name) == path:
                 continue
@@ -110,7 +110,7 @@ class AdapterCatalog:
             self.serving[name] = path
             logger.info("adapter %s loaded from %s", name, path)
         for name, since in list(self._gone_since.items()):
-            if name in busy or now - since < self._min_drain_s:
+            if now - since < self._min_drain_s or name in busy():
                 continue
             try:
                 await self._admin.unload(name)

@@ -190,6 +190,8 @@ class RoutedClient:
             while not (order := [rid for rid in order if not self._full(rid)]):
                 await self._wait_for_slot()
                 decision = self._scheduler.schedule(routing, time.monotonic()) or decision
+                if not decision.ranked:  # the adapter was removed while this request queued here
+                    decision = await self._wait_for_adapter(routing, decision)
                 order = self._order(decision.ranked)
         last_error: EngineUnavailableError | None = None
         attempts = 0

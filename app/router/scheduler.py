@@ -188,4 +188,6 @@ class Scheduler:
 def _serves(replica: ReplicaState, adapter: str) -> bool:
     """Whether the replica serves the adapter, as far as it says (a server that does not say: assume so)."""
     adapters = replica.stats.adapters
-    return adapters is None or adapters.served is None or adapter in adapters.served
+    if adapters is None or adapters.served is None:
+        return not replica.info.lists_adapters  # a replica that will say has not said yet
+    return adapter in adapters.served

@@ -37,6 +37,9 @@ class ReplicaInfo(BaseModel):
     hash_algo: str = "sha256"
     hash_seed: str = "0"
     kv_events: bool = Field(default=True, description="Whether the engine publishes KV events.")
+    lists_adapters: bool = Field(
+        default=False, description="Whether the replica's stats list the LoRA adapters it serves (engine replicas "
+        "the gateway runs): until they do, it serves none. Others are assumed to serve every adapter asked of them.")
     endpoint_url: str | None = Field(
         default=None,
         description="The engine's own OpenAI server, when it has one: routers stream from it directly.",

@@ -34,11 +34,11 @@ def test_the_catalog_loads_what_is_added_and_unloads_what_is_removed_once_draine
         pool = UpstreamPool()
         catalog = AdapterCatalog(ServerAdapterAdmin(pool, server.url), {"first": "sim://first"}, min_drain_s=0.5)
         catalog.want({"second": "sim://second"}, now=0.0)
-        await catalog.reconcile(busy=set(), now=0.1)
+        await catalog.reconcile(busy=set, now=0.1)
         assert catalog.serving == {"first": "sim://first", "second": "sim://second"}  # not drained yet
-        await catalog.reconcile(busy={"first"}, now=1.0)
+        await catalog.reconcile(busy=lambda: {"first"}, now=1.0)
         assert "first" in catalog.serving  # requests for it still run
-        await catalog.reconcile(busy=set(), now=1.1)
+        await catalog.reconcile(busy=set, now=1.1)
         assert catalog.serving == {"second": "sim://second"} and catalog.settled
         pool.close()
 
@@ -72,8 +72,8 @@ def test_a_server_without_runtime_lora_routes_is_said_plainly():
     async def run() -> AdapterCatalog:
         catalog = AdapterCatalog(NoRoutes(), {}, retry_s=10)
         catalog.want({"x": "/adapters/x"}, now=0.0)
-        await catalog.reconcile(busy=set(), now=0.0)
-        await catalog.reconcile(busy=set(), now=5.0)  # not retried before retry_s
+        await catalog.reconcile(busy=set, now=0.0)
+        await catalog.reconcile(busy=set, now=5.0)  # not retried before retry_s
         return catalog
 
     catalog = asyncio.run(run())

@@ -213,3 +213,15 @@ def test_an_adapters_requests_go_only_where_it_is_served_and_wait_while_nowhere(
     s.state.update_stats("r3", ReplicaStats(adapters=AdapterLoad(max_loras=2, served=[])), now=0.0)
     loading = s.schedule(request, 0.0)
     assert loading.ranked == [] and loading.reason == "adapter_loading"
+
+
+def test_a_replica_that_lists_its_adapters_serves_none_until_its_stats_say():
+    from app.protocol.engine import AdapterLoad
+
+    s = fleet(2)
+    s.state.register(ReplicaInfo(replica_id="r0", model="m", block_size=BLOCK, num_gpu_blocks=4096,
+                                 lists_adapters=True))
+    request = RoutingRequest(model="m", block_hashes=[1], num_prompt_tokens=20, block_size=BLOCK, adapter="sql")
+    assert s.schedule(request, 0.0).ranked == ["r1"]  # r1 says nothing (an external server): assumed to serve it
+    s.state.update_stats("r0", ReplicaStats(adapters=AdapterLoad(max_loras=2, served=["sql"])), now=0.0)
+    assert set(s.schedule(request, 0.0).ranked) == {"r0", "r1"}
