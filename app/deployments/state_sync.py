@@ -314,6 +314,7 @@ class RouterStateSync:
             # engine replicas started from now on load the adapters in force, not the config's.
             self._restore = asyncio.get_running_loop().create_task(self._link.actor().restore_live.remote(
                 self.args_digest, self.user_config_digest, self.live_in_force))
+            self._restore.add_done_callback(_said_if_failed)
         self._epoch, self._version = reply.epoch, reply.version
         self._membership, self._stats_version = reply.membership, reply.stats_version
         state.synced_at = now
@@ -322,6 +323,12 @@ class RouterStateSync:
         self._live_version = reply.live_version
         if self._live_news is not None and not self._live_news.done():
             self._live_news.set_result(None)
+
+
+def _said_if_failed(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("live settings not restored to the restarted state actor: %s (engine replicas started "
+                       "from now on load the config's adapters until the next change)", task.exception())
 
 
 def _runs(ops: list[IndexOp]) -> list[tuple[str, str, list[int]]]:

@@ -127,6 +127,8 @@ class RoutedClient:
         deadline = time.monotonic() + self._adapter_wait_s
         while time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+            if not self._scheduler.adapter_served(routing):
+                continue  # ranking only once one serves it: each ranking counts towards the adapter's popularity
             decision = self._scheduler.schedule(routing, time.monotonic()) or decision
             if decision.ranked:
                 return decision

@@ -130,6 +130,11 @@ class Scheduler:
         self._avg_uncached_tokens += 0.05 * (decision.uncached_tokens - self._avg_uncached_tokens)
         return decision
 
+    def adapter_served(self, request: RoutingRequest) -> bool:
+        """Whether some replica of the request's model serves its adapter (a cheap check before ranking)."""
+        fleet = self._fleet(request.model, request.roles)
+        return request.adapter is None or any(_serves(state, request.adapter) for state in fleet.states)
+
     def observe_ttft(self, decision: Decision, ttft_s: float) -> None:
         if decision.features is not None:
             self.ttft_model.observe(decision.features, ttft_s)
