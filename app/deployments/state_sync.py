@@ -246,6 +246,9 @@ class RouterStateSync:
         self.live_in_force = in_force
         return in_force
 
+    async def _restore_live(self, live: dict[str, Any]) -> None:
+        await self._link.actor().restore_live.remote(self.args_digest, self.user_config_digest, live)
+
     async def live_past(self, version: int) -> None:
         """Return once a sync has brought live settings other than `version`."""
         while self._live_version == version:
@@ -312,8 +315,7 @@ class RouterStateSync:
         if self._epoch and reply.epoch != self._epoch and reply.live is None and self.live_in_force is not None:
             # The actor restarted and forgot the live settings: put back the ones in force here, so that
             # engine replicas started from now on load the adapters in force, not the config's.
-            self._restore = asyncio.get_running_loop().create_task(self._link.actor().restore_live.remote(
-                self.args_digest, self.user_config_digest, self.live_in_force))
+            self._restore = asyncio.get_running_loop().create_task(self._restore_live(self.live_in_force))
             self._restore.add_done_callback(_said_if_failed)
         self._epoch, self._version = reply.epoch, reply.version
         self._membership, self._stats_version = reply.membership, reply.stats_version

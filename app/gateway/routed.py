@@ -121,16 +121,16 @@ class RoutedClient:
         self._on_request = on_request
         self._failed_until: dict[str, float] = {}
 
-    async def _wait_for_adapter(self, routing: RoutingRequest, decision: Decision) -> Decision:
-        """No engine serves the request's adapter yet (just added: the engines are loading it). Wait for
-        one, re-ranking, up to `adapter_wait_s`; then 503."""
+    async def _wait_for_adapter(self, routing: RoutingRequest, decision: Decision | None) -> Decision:
+        """No engine is known to serve the request's adapter yet (just added: the engines are loading it;
+        or the fleet is not known yet). Wait for one, re-ranking, up to `adapter_wait_s`; then 503."""
         deadline = time.monotonic() + self._adapter_wait_s
         while time.monotonic() < deadline:
             await asyncio.sleep(0.05)
             if not self._scheduler.adapter_served(routing):
                 continue  # ranking only once one serves it: each ranking counts towards the adapter's popularity
             decision = self._scheduler.schedule(routing, time.monotonic()) or decision
-            if decision.ranked:
+            if decision is not None and decision.ranked:
                 return decision
         raise NoReplicaAvailable(f"No engine of model {self._model!r} serves adapter {routing.adapter!r} yet (it "
                                  f"was added {self._adapter_wait_s:.0f}s ago or more and has not loaded; see "
@@ -178,6 +178,9 @@ class RoutedClient:
 
         `learn=False` when the TTFT is not the cost model's to explain (a decode that pulled its KV cache).
         """
+        if decision is None and routing.adapter is not None:
+            # Before the fleet is known (startup): the deployment's own choice may not serve the adapter.
+            decision = await self._wait_for_adapter(routing, decision)
         if decision is None:
             # No replica registered yet (startup, or the state actor lost): the deployment's own choice.
             if self._fallback is None:

@@ -201,3 +201,36 @@ async def test_http_refusals_map_to_the_clients_error_or_the_next_server():
             await routed_client(fleet(("a", busy, "mixed"), ("b", busy, "mixed"))).open(request(), chat_call())
         with pytest.raises(EngineUnavailableError):
             await routed_client(fleet(("a", f"http://127.0.0.1:{free_port()}", "mixed"))).open(request(), chat_call())
+
+
+async def test_a_request_for_an_adapter_waits_for_a_replica_that_serves_it_then_goes_there():
+    import asyncio
+
+    from app.protocol.engine import AdapterLoad
+    from app.router.state import ReplicaStats
+
+    a, b = Recorder(sse_app(ANSWER)), Recorder(sse_app(ANSWER))
+    async with serving(a) as url_a, serving(b) as url_b:
+        state = fleet(("a", url_a, "mixed"), ("b", url_b, "mixed"))
+        for rid in ("a", "b"):  # engine replicas that list their adapters, before their stats say any
+            state.replicas[rid].info = state.replicas[rid].info.model_copy(update={"lists_adapters": True})
+        client = routed_client(state, adapter_wait_s=5.0)
+        routing = RoutingRequest(model="m", block_hashes=[7], num_prompt_tokens=3, block_size=16, adapter="sql")
+
+        async def loaded_on_b() -> None:
+            await asyncio.sleep(0.3)
+            state.update_stats("b", ReplicaStats(adapters=AdapterLoad(max_loras=2, served=["sql"])), now=0.0)
+
+        task = asyncio.create_task(loaded_on_b())
+        # No ranking yet (the fleet was not known when the request was routed): it waits, not the fallback.
+        reply = await client.serve(request(lora_name="sql"), chat_call(), routing, None)
+        await read(reply)
+        reply.close()
+        await task
+    assert (len(a.bodies), len(b.bodies)) == (0, 1)
+
+    quick = routed_client(fleet(("a", None, "mixed")), adapter_wait_s=0.2)
+    quick._scheduler.state.replicas["a"].info = quick._scheduler.state.replicas["a"].info.model_copy(
+        update={"lists_adapters": True})
+    with pytest.raises(Exception, match="serves adapter 'sql' yet"):
+        await quick.serve(request(lora_name="sql"), chat_call(), routing, None)
