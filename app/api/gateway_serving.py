@@ -107,15 +107,10 @@ class GatewayServing(ServingBase):
         """Serve these models (adapters come and go) and splits together, from the next request on. Refused
         as a whole (ValueError, TrafficError) if a name is taken twice or a split names what is not served;
         what was served stays. Requests already resolved finish on the model they resolved to."""
-        before = list(self.models.values())
-        self.preparer.set_models(models)
-        try:
-            check_splits(splits, self.preparer.served_names())
-            lengths = {name: min(self.preparer.resolve(t).max_model_len for t in split.weights)
-                       for name, split in splits.items()}
-        except Exception:
-            self.preparer.set_models(before)
-            raise
+        by_name = {name: model for model in models for name in (model.name, *model.aliases)}
+        check_splits(splits, by_name)
+        lengths = {name: min(by_name[t].max_model_len for t in split.weights) for name, split in splits.items()}
+        self.preparer.set_models(models)  # refuses a name used twice before anything changes
         old = self.traffic
         self.traffic = TrafficSplitter(splits)
         self.preparer.split_lengths = lengths

@@ -110,6 +110,17 @@ class AdapterConfig(_Strict):
         "adapter_model.safetensors on every engine node (vLLM). Simulated engines need none.",
     )
 
+    @property
+    def path(self) -> str:
+        """The path the engines are given (and fold into their block hashes): `source`, or for a simulated
+        engine's adapter without one, `sim://<name>`."""
+        return self.source or f"sim://{self.name}"
+
+    @classmethod
+    def at(cls, name: str, path: str) -> AdapterConfig:
+        """The adapter whose `path` this is."""
+        return cls(name=name, source=None if path == f"sim://{name}" else path)
+
 
 class ModelConfig(_Strict):
     """One served model: its names, tokenizer, engine and replicas."""
@@ -138,7 +149,7 @@ class ModelConfig(_Strict):
     @property
     def adapter_paths(self) -> dict[str, str]:
         """Adapter name -> the path the engines are given (and fold into their block hashes)."""
-        return {a.name: a.source or f"sim://{a.name}" for a in self.adapters}
+        return {a.name: a.path for a in self.adapters}
 
     @property
     def adapters_changeable(self) -> bool:

@@ -61,7 +61,7 @@ def merged(state: LiveState, change: LiveConfig) -> LiveState:
         twice = next((name for name in names if names.count(name) > 1), None)
         if twice is not None:
             raise ConfigError(f"adapters of {model!r}: {twice!r} is listed twice")
-        adapters[model] = {a.name: a.source or f"sim://{a.name}" for a in listed}
+        adapters[model] = {a.name: a.path for a in listed}
     return LiveState(traffic=state.traffic if change.traffic is None else change.traffic, adapters=adapters)
 
 
@@ -89,7 +89,7 @@ def applied(start: GatewayConfig, state: LiveState) -> GatewayConfig:
     raw["traffic"] = {name: split.model_dump(mode="json") for name, split in state.traffic.items()}
     for section in raw["models"]:
         if section["name"] in state.adapters:
-            section["adapters"] = [{"name": adapter, "source": None if path == f"sim://{adapter}" else path}
+            section["adapters"] = [AdapterConfig.at(adapter, path).model_dump()
                                    for adapter, path in state.adapters[section["name"]].items()]
     try:
         return GatewayConfig.model_validate(raw)

@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -60,6 +60,10 @@ def _parse_traffic(traffic: dict[str, Any]) -> dict[str, TrafficSplit]:
         return {name: TrafficSplit.model_validate(split) for name, split in traffic.items()}
     except ValidationError as error:
         raise ValueError(f"invalid traffic splits: {error}") from None
+
+
+def _with_adapters(live: LiveState, model: str, adapters: dict[str, str]) -> LiveState:
+    return live.model_copy(update={"adapters": {**live.adapters, model: adapters}})
 
 
 def _load_tokenizer(model: ModelConfig) -> PromptTokenizer | None:
@@ -342,7 +346,8 @@ class OpenAIIngress:
         without a restart: the whole set, as the config's `traffic` section writes it. A rollout step or a
         rollback is this call with other weights. A split that cannot be served raises ValueError naming
         the problem, and the splits in force stay. Returns the weights now in force."""
-        await self._change_live(LiveConfig(traffic=_parse_traffic(traffic)))
+        change = LiveConfig(traffic=_parse_traffic(traffic))
+        await self._change_live(lambda live: merged(live, change))
         return await self.traffic()
 
     async def set_adapters(self, model: str, adapters: list[dict[str, Any]], wait_s: float = 60.0) -> dict[str, Any]:
@@ -355,24 +360,24 @@ class OpenAIIngress:
             change = LiveConfig(adapters={model: [AdapterConfig.model_validate(a) for a in adapters]})
         except ValidationError as error:
             raise ValueError(f"invalid adapters: {error}") from None
-        await self._change_live(change)
+        await self._change_live(lambda live: merged(live, change))
         return await self._adapters_loaded(model, wait_s)
 
     async def add_adapter(self, model: str, name: str, source: str | None = None,
                           wait_s: float = 60.0) -> dict[str, Any]:
         """Add one LoRA adapter to `model` (see set_adapters)."""
-        listed = [{"name": n, "source": None if p == f"sim://{n}" else p}
-                  for n, p in self.live.adapters.get(model, {}).items() if n != name]
-        return await self.set_adapters(model, [*listed, {"name": name, "source": source}], wait_s)
+        path = AdapterConfig(name=name, source=source).path
+        await self._change_live(lambda live: _with_adapters(live, model, {**live.adapters.get(model, {}), name: path}))
+        return await self._adapters_loaded(model, wait_s)
 
     async def remove_adapter(self, name: str) -> dict[str, Any]:
         """Remove one LoRA adapter, whichever model it is of (see set_adapters)."""
         model = next((m for m, listed in self.live.adapters.items() if name in listed), None)
         if model is None:
             raise ValueError(f"no adapter named {name!r}")
-        listed = [{"name": n, "source": None if p == f"sim://{n}" else p}
-                  for n, p in self.live.adapters[model].items() if n != name]
-        return await self.set_adapters(model, listed, wait_s=0)
+        await self._change_live(lambda live: _with_adapters(
+            live, model, {n: p for n, p in live.adapters.get(model, {}).items() if n != name}))
+        return await self._adapters_loaded(model, 0)
 
     async def traffic(self) -> dict[str, dict[str, float]]:
         """The weights in force on this replica."""
@@ -382,11 +387,11 @@ class OpenAIIngress:
         """The traffic splits and adapters in force on this replica."""
         return self.live.model_dump(mode="json")
 
-    async def _change_live(self, change: LiveConfig) -> None:
+    async def _change_live(self, edit: Callable[[LiveState], LiveState]) -> None:
         """A handle change, made on top of the settings in force everywhere: if another replica changed
         them first, take its change and make this one again on top of it."""
         for _ in range(5):
-            version, state = self.sync.live_version, merged(self.live, change)
+            version, state = self.sync.live_version, edit(self.live)
             try:
                 applied(self.start_config, state)
             except ConfigError as error:

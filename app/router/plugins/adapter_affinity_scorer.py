@@ -50,8 +50,8 @@ class AdapterAffinityScorer:
 
     def __init__(self, params: AdapterAffinityParams, context: PluginContext) -> None:
         self.params = params
-        self._popularity: dict[str, float] = {}
-        self._seen_at = 0.0
+        self._popularity: dict[str, tuple[float, float]] = {}
+        """Adapter -> (decaying request count, when it was last brought up to date)."""
 
     def cost(self, view: FleetView) -> np.ndarray:
         adapter = view.request.adapter
@@ -83,13 +83,13 @@ class AdapterAffinityScorer:
         return costs
 
     def _observe(self, adapter: str, now: float) -> None:
-        """Count the request in its adapter's popularity: a decaying request count (half-life `popularity_s`)."""
-        decay = 0.5 ** ((now - self._seen_at) / self.params.popularity_s) if now > self._seen_at else 1.0
-        if decay < 1.0:
-            for name in self._popularity:
-                self._popularity[name] *= decay
-            self._seen_at = now
-        self._popularity[adapter] = self._popularity.get(adapter, 0.0) + 1.0
+        """Count the request in its adapter's popularity: a decaying request count (half-life `popularity_s`),
+        decayed when read or counted, so a request costs the same however many adapters there are."""
+        self._popularity[adapter] = (self._rate(adapter, now) + 1.0, now)
+
+    def _rate(self, adapter: str, now: float) -> float:
+        count, at = self._popularity.get(adapter, (0.0, now))
+        return count * 0.5 ** (max(0.0, now - at) / self.params.popularity_s)
 
     def _eviction_weight(self, view: FleetView, state: ReplicaState, adapters: AdapterLoad, adapter: str) -> float:
         """How much evicting this replica's next victim costs, relative to `evict_s`: by the victim's popularity
@@ -103,7 +103,7 @@ class AdapterAffinityScorer:
         victim = next((name for name in adapters.loaded if name not in busy), None)  # least recently used first
         if victim is None:
             return 1.0
-        victim_rate, rate = self._popularity.get(victim, 0.0), self._popularity.get(adapter, 0.0)
+        victim_rate, rate = self._rate(victim, view.now), self._rate(adapter, view.now)
         return 2.0 * victim_rate / (victim_rate + rate) if victim_rate + rate > 0 else 1.0
 
     def _in_slots(self, state: ReplicaState, adapters: AdapterLoad, now: float) -> set[str]:
